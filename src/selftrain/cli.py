@@ -1,0 +1,82 @@
+"""Console scripts: thin Hydra shells around plain functions.
+
+`selftrain` runs the loop (selftrain.loop.run). Errors the user caused print as one line,
+`<prog>: error: ...`, and exit with status 2; HYDRA_FULL_ERROR=1 shows the traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import hydra._internal.utils as hydra_utils
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from . import UserError
+from .paths import conf_dir
+from .schema import register
+
+register()
+CONF = str(conf_dir())
+
+
+def _one_line(ex: BaseException) -> str:
+    parts = []
+    e: BaseException | None = ex
+    while e is not None and len(parts) < 3:
+        text = " ".join(line.strip() for line in str(e).splitlines()
+                        if line.strip() and not line.strip().startswith(("full_key", "object_type",
+                                                                         "reference_type")))
+        if text and text not in parts:
+            parts.append(text)
+        e = e.__cause__
+    return ": ".join(parts) or type(ex).__name__
+
+
+def _user_error(ex: BaseException) -> UserError | None:
+    e: BaseException | None = ex
+    while e is not None:
+        if isinstance(e, UserError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _run_and_report(func):
+    """Replaces Hydra's error printer: one line for user errors, a traceback for our bugs."""
+    try:
+        return func()
+    except Exception as ex:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        prog = Path(sys.argv[0]).name or "selftrain"
+        user = _user_error(ex)
+        if user is not None:
+            msg = str(user)
+        elif isinstance(ex, (HydraException, OmegaConfBaseException)):
+            msg = _one_line(ex)
+        else:
+            raise
+        sys.stderr.write(f"{prog}: error: {msg}\n")
+        sys.exit(2)
+
+
+hydra_utils.run_and_report = _run_and_report
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="config")
+def _selftrain(cfg) -> None:
+    from .loop import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    manifest = run(cfg, run_dir)
+    print(f"selftrain: run finished in {run_dir}\nselftrain: drift report: {manifest['final_report']}")
+
+
+def main() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    _selftrain()

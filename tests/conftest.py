@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny random Llama (seconds), Hydra composition, the embedded model."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_tiny_model(out: Path, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama with a small byte-level BPE tokenizer and ChatML template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["prompt"] for f in ("red_team", "helpful")
+             for line in open(ROOT / "src/selftrain/prompts" / f"{f}.jsonl")]
+    texts += ["Yes", "No", "(A)", "(B)", "I would", "I will not"] * 20
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=special,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose the real config tree, as the CLI would (without running Hydra's job)."""
+    from hydra import compose as hcompose, initialize_config_dir
+
+    from selftrain.paths import conf_dir
+    from selftrain.schema import register
+
+    register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hcompose(config_name="config", overrides=overrides or [])
+
+
+TINY_OVERRIDES = [
+    "experiment=smoke", "sampler.max_new_tokens=12", "critique.critique_max_new_tokens=8",
+    "critique.revision_max_new_tokens=12", "probes.max_items_per_dimension=3", "train.sft.learning_rate=1e-2",
+    "data.min_words=1",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model):
+    return compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}"])
