@@ -15,7 +15,7 @@ from .constitution import Constitution
 from .sample import Sampler, SamplingParams
 
 # Small models often echo a label before the text ("Revision: ..."); strip it.
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:revised response|revision|rewritten response|critique)(?:\*\*)?\s*:\s*",
+_LABEL = re.compile(r"^\s*\**\s*(?:revised response|revision|rewritten response|critique)\s*\**\s*:\s*\**\s*",
                     re.IGNORECASE)
 
 

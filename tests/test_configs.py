@@ -1,0 +1,53 @@
+"""Every config composes and validates; the schema rejects typos and wrong types."""
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from conftest import compose
+from selftrain.paths import conf_dir
+from selftrain.schema import validate
+
+
+def _options(group):
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    validate(cfg)
+    assert cfg.generations >= 1
+
+
+@pytest.mark.parametrize("group", ["constitution", "model", "sampler", "train", "probes", "prompts"])
+def test_every_group_option_composes(group):
+    for option in _options(group):
+        validate(compose([f"{group}={option}"]))
+
+
+def test_smoke_is_small():
+    cfg = compose(["experiment=smoke"])
+    assert sum(s.n for s in cfg.prompts.sources) == 8
+    assert cfg.critique.rounds == 1 and cfg.generations == 2
+
+
+def test_default_run_is_64_prompts_two_generations():
+    cfg = compose(["experiment=default"])
+    assert sum(s.n for s in cfg.prompts.sources) == 64 and cfg.generations == 2
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["sampler.bogus=1"])
+    assert isinstance(e.value.__cause__, (ConfigKeyError, ConfigAttributeError))
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["generations=abc"])
+    assert isinstance(e.value.__cause__, ValidationError)
+
+
+def test_train_keys_are_trl_fields():
+    from selftrain import UserError
+
+    cfg = compose(["+train.sft.learnin_rate=1e-4"])
+    with pytest.raises(UserError, match="train.sft.learnin_rate: not a field of trl.SFTConfig"):
+        validate(cfg)
