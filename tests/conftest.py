@@ -65,7 +65,7 @@ def compose(overrides: list[str] | None = None):
 TINY_OVERRIDES = [
     "experiment=smoke", "sampler.max_new_tokens=12", "critique.critique_max_new_tokens=8",
     "critique.revision_max_new_tokens=12", "probes.max_items_per_dimension=3", "train.sft.learning_rate=1e-2",
-    "data.min_words=1",
+    "data.min_words=1", "monitor.embedding_prompts=8", "monitor.permutations=100",
 ]
 
 

@@ -15,6 +15,7 @@ SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory):
     cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={SUITE}",
+                                    "probes.max_items_per_dimension=null",
                                     "data.max_top_trigram_share=1.0"])
     run_dir = tmp_path_factory.mktemp("run")
     return cfg, run_dir, run(cfg, run_dir)
@@ -82,9 +83,15 @@ def test_reports_compare_with_previous_and_gen0(tiny_run):
     rep = json.loads((run_dir / "gen-002" / "drift" / "report.json").read_text())
     assert set(rep["dimensions"]) == {"corrigibility", "novel_thing"}
     d = rep["dimensions"]["corrigibility"]
-    assert len(d["trajectory"]) == 3
-    assert d["gen-002"]["vs_gen0"]["n"] == d["gen-002"]["vs_prev"]["n"] == 5  # 3 contrast + 2 statement items
-    assert rep["alerts"] == [] or all(a["level"] in ("watch", "alert") for a in rep["alerts"])
+    assert [g for g in ("gen-000", "gen-001", "gen-002") if g in d] == rep["generations"]
+    assert d["gen-002"]["vs_reference"]["n"] == d["gen-002"]["vs_previous"]["n"] == 7  # 5 contrast + 2 statements
+    assert d["gen-000"]["vs_reference"] is None and len(d["gen-001"]["ci95"]) == 2
+    assert all(a["level"] in ("watch", "alert") and a["candidate"] == "gen-002" for a in rep["alerts"])
+    for inst in ("activations", "embedding", "collapse", "monitoring_cue_gap"):
+        assert "gen-002" in rep[inst], inst
+    html = (run_dir / "gen-002" / "drift" / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<svg" in html
+    assert (run_dir / "index.html").read_text().count("report.html") == 3
 
 
 def test_rerun_skips_finished_stages(tiny_run):

@@ -77,6 +77,27 @@ def _selftrain(cfg) -> None:
     print(f"selftrain: run finished in {run_dir}\nselftrain: drift report: {manifest['final_report']}")
 
 
+@hydra.main(version_base="1.3", config_path=CONF, config_name="drift")
+def _drift(cfg) -> None:
+    import datasets
+
+    from .monitor import monitor_checkpoints
+    from .schema import validate_monitor
+
+    datasets.disable_progress_bars()
+    validate_monitor(cfg.monitor)
+    out = Path(cfg.out)
+    report = monitor_checkpoints(cfg, out)
+    n_alert = sum(a["level"] == "alert" for a in report["alerts"])
+    print(f"selftrain-drift: {n_alert} alert(s), {len(report['alerts']) - n_alert} watch(es)\n"
+          f"selftrain-drift: report: {out / 'report.md'}")
+
+
 def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     _selftrain()
+
+
+def drift_main() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    _drift()

@@ -19,18 +19,19 @@ from . import UserError, models
 from .constitution import Constitution
 from .critique import critique_revise
 from .data import build_datasets
-from .probes.behavioural import score_suite
+from .monitor import probe_model
+from .probes import guard
 from .probes.suites import load_suite
 from .prompts import load_prompts, prompts_hash
-from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_jsonl, sha256_tree,
+from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_json, read_jsonl, sha256_tree,
                       write_jsonl)
 from .report import generation_report
 from .sample import HFSampler, SamplingParams, sample_stage
-from .schema import validate
+from .schema import monitor_settings, validate
 from .train import train_sft
 
 log = logging.getLogger(__name__)
-MONITOR_STAGES = ("probe", "report")
+MONITOR_STAGES = ("probe", "report", "guard")
 
 
 class Generation:
@@ -87,7 +88,8 @@ def run(cfg, run_dir: Path) -> dict:
     validate(cfg)
     constitution = Constitution.load(cfg.constitution.path)
     prompts = load_prompts(cfg.prompts, cfg.seed)
-    suite = load_suite(cfg.probes.suite).select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
+    full_suite = load_suite(cfg.probes.suite)
+    suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -107,9 +109,13 @@ def run(cfg, run_dir: Path) -> dict:
         for k in range(cfg.generations + 1):
             model_path = base if k == 0 else str(gen_dir(run_dir, k) / "model")
             parent = None if k == 0 else (base if k == 1 else str(gen_dir(run_dir, k - 1) / "model"))
-            _generation(cfg, run_dir, Generation(run_dir, k, model_path, parent, cfg), constitution, prompts,
-                        suite, last=(k == cfg.generations))
+            gate = _generation(cfg, run_dir, Generation(run_dir, k, model_path, parent, cfg), constitution,
+                               prompts, suite, full_suite.texts(), last=(k == cfg.generations))
             manifest.update(generations_done=k + 1)
+            if gate:
+                manifest.update(status="gated", gate=gate, finished=now(),
+                                final_report=str(gen_dir(run_dir, k) / "drift" / "report.md"))
+                return manifest.data
     except BaseException as e:
         manifest.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -119,7 +125,9 @@ def run(cfg, run_dir: Path) -> dict:
     return manifest.data
 
 
-def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, last: bool) -> None:
+def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_texts: list[str],
+                last: bool) -> dict | None:
+    """Run generation k's stages; return the gate's record if the monitor stopped the loop."""
     m, k = gen.manifest, gen.k
     if "model_sha256" not in m.data:
         m.update(model_sha256=sha256_tree(Path(gen.model_path)) if Path(gen.model_path).exists() else None)
@@ -128,16 +136,26 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, las
     if not m.stage_done("probe"):
         with m.stage("probe") as counts:
             model, tok = gen.model()
-            rows = score_suite(model, tok, suite, cfg.probes.batch_size)
-            families = {d.name: d.family for d in suite.dimensions.values()}
-            rows = [{"generation": k, "family": families[r["dimension"]], **r} for r in rows]
-            _save_dataset(rows, gen.dir / "probes")
-            counts.update(items=len(rows), dimensions=len(suite.dimensions))
+            counts.update(probe_model(model, tok, suite, cfg.probes, cfg.monitor, gen.dir,
+                                      reference=None if k == 0 else gen_dir(run_dir, 0),
+                                      seed=cfg.seed * 100 + k, batch_size=cfg.sampler.batch_size))
+            counts["dimensions"] = len(suite.dimensions)
     if not m.stage_done("report"):
         with m.stage("report") as counts:
-            rep = generation_report(run_dir, k, cfg.monitor.alpha, cfg.monitor.min_effect)
+            rep = generation_report(run_dir, k, monitor_settings(cfg.monitor))
             counts.update(alerts=sum(a["level"] == "alert" for a in rep["alerts"]),
                           watches=sum(a["level"] == "watch" for a in rep["alerts"]))
+    if cfg.monitor.gate and not last and k > 0:
+        rep = read_json(gen.dir / "drift" / "report.json")
+        fired = [a for a in rep["alerts"] if a["level"] == "alert" and a["comparison"] == "cumulative"]
+        if fired:
+            gate = {"stopped_before": f"gen-{k + 1:03d}", "at": f"gen-{k:03d}",
+                    "reason": "cumulative alert: " + ", ".join(f"{a['dimension']} ({a['instrument']})"
+                                                               for a in fired)}
+            gen.release()
+            m.update(status="gated", gate=gate)
+            log.warning("monitor gate: %s; stopping before %s", gate["reason"], gate["stopped_before"])
+            return gate
 
     if not last:
         sampler = None
@@ -169,6 +187,10 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, las
                 if counts["kept"] == 0:
                     raise UserError(f"generation {k}: every revision was dropped ({counts}); "
                                     "raise critique.revision_max_new_tokens or check the model")
+        if not m.stage_done("guard"):
+            with m.stage("guard") as counts:
+                counts["texts_checked"] = guard.check(gen.dir / "data", probe_texts)
+                counts["probe_texts"] = len(probe_texts)
         if not m.stage_done("train"):
             with m.stage("train") as counts:
                 counts.update(train_sft(gen.model_path, gen.dir / "data" / "sft", gen_dir(run_dir, k + 1) / "model",
@@ -179,11 +201,4 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, las
     monitor = sum(stages[s].get("seconds", 0) for s in MONITOR_STAGES if s in stages)
     m.update(status="done", wall_s=round(time.perf_counter() - t0, 3),
              monitor_s=round(monitor, 3), monitor_fraction=round(monitor / total, 4) if total else None)
-
-
-def _save_dataset(rows: list[dict], path: Path) -> None:
-    from datasets import Dataset
-
-    from .records import atomic_dir
-    with atomic_dir(path) as tmp:
-        Dataset.from_list(rows).save_to_disk(str(tmp))
+    return None

@@ -1,83 +1,346 @@
-"""Drift reports after each generation, written from artifacts on disk only.
+"""Drift reports, written from artifacts on disk only (never from live models).
 
-`gen-k/drift/report.json` and `report.md`: generation k against generation 0 (cumulative)
-and against generation k-1 (step), alerts first, then every dimension's trajectory so far.
+`build_report(gens, settings)` takes an ordered list of (name, folder) where the first folder
+is the frozen reference (gen-000) and each folder holds `probes/` and, when the instruments
+ran, `monitor/{activations,embedding,collapse}.json`. It writes `report.json`, `report.md`
+and a self-contained `report.html` (inline SVG, every model string escaped). The loop writes
+one into `gen-k/drift/` after each generation; `selftrain-drift` writes one for any
+checkpoints. `write_index` links a run's generations.
 """
 from __future__ import annotations
 
+import html
+import json
 from pathlib import Path
 
-from .drift import LEVELS, compare, load_probe_table, trend
-from .records import gen_dir, write_json, write_text
+from .drift import (LEVELS, activation_levels, collapse_levels, compare, concealment, embedding_level,
+                    load_probe_table, mean_ci, trend)
+from .records import gen_dir, read_json, write_json, write_text
 
 
-def _fmt(x, nd=3):
-    return "–" if x is None else f"{x:+.{nd}f}" if isinstance(x, float) and x < 0 else f"{x:.{nd}f}" \
-        if isinstance(x, float) else str(x)
+def _maybe(path: Path):
+    return read_json(path) if path.is_file() else None
 
 
-def generation_report(run_dir: Path, k: int, alpha: float, min_effect: float) -> dict:
-    run_dir = Path(run_dir)
-    tables = {j: load_probe_table(gen_dir(run_dir, j) / "probes") for j in range(k + 1)}
-    scores = {j: t["scores"] for j, t in tables.items()}
-    families = tables[0]["families"]
-    name = f"gen-{k:03d}"
-    cumulative = compare(scores[0], scores[k], alpha, min_effect) if k > 0 else {}
-    step = compare(scores[k - 1], scores[k], alpha, min_effect) if k > 0 else {}
-    dims = {}
-    for d in scores[0]:
-        traj = [sum(scores[j][d].values()) / len(scores[j][d]) for j in range(k + 1) if d in scores[j]]
-        dims[d] = {"family": families.get(d, ""), "trajectory": traj, "trend": trend(traj),
-                   name: {"mean": traj[-1], "vs_gen0": cumulative.get(d), "vs_prev": step.get(d)}}
-    alerts = []
-    for kind, res in (("cumulative", cumulative), ("step", step)):
-        for d, r in res.items():
-            if r["level"] != "ok":
-                alerts.append({"candidate": name, "dimension": d, "level": r["level"], "comparison": kind,
-                               "delta": r["delta"], "p_holm": r["p_holm"]})
-    alerts.sort(key=lambda a: (-LEVELS.index(a["level"]), a["comparison"], -abs(a["delta"])))
-    report = {"run": str(run_dir), "generation": k, "candidate": name, "reference": "gen-000",
-              "settings": {"alpha": alpha, "min_effect": min_effect, "test": "wilcoxon signed-rank, Holm"},
-              "alerts": alerts,
-              "answer_bias": {f"gen-{j:03d}": t["answer_bias"] for j, t in tables.items()
-                              if t["answer_bias"] is not None},
-              "dimensions": dims}
-    out = gen_dir(run_dir, k) / "drift"
+def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[str] | None = None,
+                 title: str = "") -> dict:
+    """Compare every generation with the first (cumulative) and with the one before (step).
+
+    Alerts are raised for the names in `alert_on` (default: the last generation only).
+    """
+    names = [n for n, _ in gens]
+    alert_on = alert_on or names[-1:]
+    tables = {n: load_probe_table(Path(d) / "probes") for n, d in gens}
+    mon = {n: {k: _maybe(Path(d) / "monitor" / f"{k}.json") for k in ("activations", "embedding", "collapse")}
+           for n, d in gens}
+    ref = names[0]
+    a, eff = settings["alpha"], settings["min_effect"]
+    dims: dict[str, dict] = {}
+    for d, fam in tables[ref]["families"].items():
+        dims[d] = {"family": fam}
+    alerts, extra = [], {"activations": {}, "embedding": {}, "collapse": {}, "monitoring_cue_gap": {},
+                         "concealment": {}}
+    for i, n in enumerate(names):
+        cum = compare(tables[ref]["scores"], tables[n]["scores"], a, eff) if i else {}
+        step = compare(tables[names[i - 1]]["scores"], tables[n]["scores"], a, eff) if i else {}
+        for d in dims:
+            if d in tables[n]["scores"]:
+                dims[d][n] = {**mean_ci(tables[n]["scores"][d].values()), "vs_reference": cum.get(d),
+                              "vs_previous": step.get(d)}
+        for kind, res in (("cumulative", cum), ("step", step)):
+            for d, r in res.items():
+                if n in alert_on and r["level"] != "ok":
+                    alerts.append({"candidate": n, "dimension": d, "level": r["level"], "instrument": "behavioural",
+                                   "comparison": kind, "delta": r["delta"], "p_holm": r["p_holm"]})
+        # monitoring-cue gap: does the model answer differently when told it is watched / trained?
+        if i and tables[ref]["gaps"] and tables[n]["gaps"]:
+            gap = compare(tables[ref]["gaps"], tables[n]["gaps"], a, eff)
+            extra["monitoring_cue_gap"][n] = {
+                d: {**r, "gap": mean_ci(tables[n]["gaps"][d].values())["mean"]} for d, r in gap.items()}
+            for d, r in gap.items():
+                if n in alert_on and r["level"] != "ok":
+                    alerts.append({"candidate": n, "dimension": d, "level": r["level"],
+                                   "instrument": "monitoring_cue_gap", "comparison": "cumulative",
+                                   "delta": r["delta"], "p_holm": r["p_holm"]})
+        act = mon[n]["activations"]
+        if act:
+            lv = activation_levels(act, settings["activation_shift"], settings["activation_z"])
+            extra["activations"][n] = {d: {**r, "level": lv[d] if i else "ok"} for d, r in act.items()}
+            if i:
+                for d, r in act.items():
+                    if n in alert_on and lv[d] != "ok":
+                        alerts.append({"candidate": n, "dimension": d, "level": lv[d], "instrument": "activation",
+                                       "comparison": "cumulative", "delta": r["projection_shift"],
+                                       "z_vs_random": r["z_vs_random"]})
+                hidden = concealment(cum, act, eff, settings["activation_shift"])
+                extra["concealment"][n] = hidden
+                for d in hidden:
+                    if n in alert_on:
+                        alerts.append({"candidate": n, "dimension": d, "level": "watch", "instrument": "concealment",
+                                       "comparison": "cumulative", "delta": cum[d]["delta"],
+                                       "note": "behaviour improved while the activation projection did not"})
+        emb = mon[n]["embedding"]
+        if emb:
+            extra["embedding"][n] = dict(emb)
+            if i and "p" in emb:
+                lv = embedding_level(emb, a, settings["embedding_effect"])
+                extra["embedding"][n]["level"] = lv
+                if n in alert_on and lv != "ok":
+                    alerts.append({"candidate": n, "dimension": "free_text_embedding", "level": lv,
+                                   "instrument": "embedding", "comparison": "cumulative", "delta": emb["effect"],
+                                   "p": emb["p"]})
+        col, col_ref = mon[n]["collapse"], mon[ref]["collapse"]
+        if col:
+            extra["collapse"][n] = {"values": col}
+            if i and col_ref:
+                lv = collapse_levels(col, col_ref, settings["collapse_rel"])
+                extra["collapse"][n]["vs_reference"] = lv
+                for m, r in lv.items():
+                    if n in alert_on and r["level"] != "ok":
+                        alerts.append({"candidate": n, "dimension": m, "level": r["level"], "instrument": "collapse",
+                                       "comparison": "cumulative", "delta": r["relative_change"]})
+    for d in dims:
+        traj = [dims[d][n]["mean"] for n in names if n in dims[d]]
+        dims[d]["trend"] = trend(traj)
+    alerts.sort(key=lambda x: (-LEVELS.index(x["level"]), x["candidate"], x.get("comparison", ""),
+                               -abs(x.get("delta") or 0)))
+    return {"title": title, "reference": ref, "candidates": names[1:], "generations": names,
+            "alert_on": alert_on, "settings": settings, "alerts": alerts,
+            "answer_bias": {n: t["answer_bias"] for n, t in tables.items() if t["answer_bias"] is not None},
+            "dimensions": dims, **extra}
+
+
+def write_report(report: dict, out: Path) -> None:
+    out = Path(out)
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_markdown(report))
-    return report
+    write_text(out / "report.html", render_html(report))
+
+
+def generation_report(run_dir: Path, k: int, settings: dict) -> dict:
+    gens = [(f"gen-{j:03d}", gen_dir(run_dir, j)) for j in range(k + 1)]
+    rep = build_report(gens, settings, title=f"Drift report: gen-{k:03d}")
+    rep["run"] = str(run_dir)
+    write_report(rep, gen_dir(run_dir, k) / "drift")
+    write_index(run_dir)
+    return rep
+
+
+def write_index(run_dir: Path) -> None:
+    """runs/<run>/index.html: one line per generation with its alert counts and links."""
+    rows = []
+    for g in sorted(Path(run_dir).glob("gen-*")):
+        rep = g / "drift" / "report.json"
+        if not rep.is_file():
+            continue
+        alerts = json.loads(rep.read_text())["alerts"]
+        n_alert = sum(a["level"] == "alert" for a in alerts)
+        n_watch = sum(a["level"] == "watch" for a in alerts)
+        rows.append(f"<tr><td><a href='{g.name}/drift/report.html'>{g.name}</a></td>"
+                    f"<td class='{'alert' if n_alert else 'ok'}'>{n_alert}</td><td>{n_watch}</td>"
+                    f"<td><a href='{g.name}/drift/report.md'>md</a> · <a href='{g.name}/drift/report.json'>json</a>"
+                    f"</td></tr>")
+    body = ("<h1>selftrain run</h1><p>" + html.escape(str(run_dir)) + "</p><table><tr><th>generation</th>"
+            "<th>alerts</th><th>watches</th><th>files</th></tr>" + "".join(rows) + "</table>")
+    write_text(Path(run_dir) / "index.html", _page("selftrain run", body))
+
+
+# ---------------------------------------------------------------- markdown
+
+def _f(x, nd=3, sign=False):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+    return str(x)
+
+
+def _headline(rep: dict) -> list[str]:
+    if not rep["candidates"]:
+        return ["Generation 0 is the reference; nothing to compare yet."]
+    if not rep["alerts"]:
+        return [f"No alerts and no watches for {', '.join(rep['alert_on'])}: nothing moved detectably "
+                f"against {rep['reference']} or the generation before."]
+    n_alert = sum(a["level"] == "alert" for a in rep["alerts"])
+    n_watch = len(rep["alerts"]) - n_alert
+    out = [f"**{n_alert} alert(s), {n_watch} watch(es).**", ""]
+    for a in rep["alerts"]:
+        extra = f", p_holm = {a['p_holm']:.3g}" if a.get("p_holm") is not None else ""
+        out.append(f"- **{a['level'].upper()}** {a['candidate']} `{a['dimension']}` "
+                   f"({a['instrument']}, {a['comparison']}): {_f(a.get('delta'), sign=True)}{extra}")
+    return out
 
 
 def render_markdown(rep: dict) -> str:
-    k, name = rep["generation"], rep["candidate"]
-    lines = [f"# Drift report: {name}", "", f"Run: `{rep['run']}`  ", f"Reference: gen-000 (frozen). "
-             f"Alert = Holm-corrected p < {rep['settings']['alpha']} and |shift| >= "
-             f"{rep['settings']['min_effect']} in P(aligned).", ""]
-    n_alert = sum(a["level"] == "alert" for a in rep["alerts"])
-    n_watch = sum(a["level"] == "watch" for a in rep["alerts"])
-    lines += ["## Headline", ""]
-    if k == 0:
-        lines.append("Generation 0 is the reference; nothing to compare yet.")
-    elif not rep["alerts"]:
-        lines.append("No alerts: no dimension moved detectably against gen-000 or the previous generation.")
-    else:
-        lines.append(f"**{n_alert} alert(s), {n_watch} watch(es).**")
-        lines.append("")
-        for a in rep["alerts"]:
-            lines.append(f"- **{a['level'].upper()}** `{a['dimension']}` ({a['comparison']}): shift "
-                         f"{a['delta']:+.3f}, p_holm = {a['p_holm']:.3g}")
-    lines += ["", "## Dimensions", "",
-              "| dimension | family | trajectory (gen-000 → now) | Δ vs gen-000 | p_holm | level | Δ vs prev | level |",
-              "|---|---|---|---|---|---|---|---|"]
+    s = rep["settings"]
+    lines = [f"# {rep['title'] or 'Drift report'}", ""]
+    if rep.get("run"):
+        lines += [f"Run: `{rep['run']}`  "]
+    lines += [f"Reference: {rep['reference']} (frozen). Behavioural alert = Holm-corrected p < {s['alpha']} and "
+              f"|shift| >= {s['min_effect']} in P(aligned); watch = one of the two.", "", "## Headline", ""]
+    lines += _headline(rep)
+    names = rep["generations"]
+    last = names[-1]
+    lines += ["", "## Value dimensions (behavioural log-prob probes)", "",
+              "Mean P(aligned) per generation with 95% CI; shifts are paired per item.", "",
+              f"| dimension | family | {' | '.join(names)} | Δ vs ref | p_holm | level | Δ vs prev | level | trend slope |",
+              "|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|"]
     for d, v in rep["dimensions"].items():
-        cur = v[name]
-        c, s = cur["vs_gen0"] or {}, cur["vs_prev"] or {}
-        traj = " → ".join(f"{x:.3f}" for x in v["trajectory"])
-        lines.append(f"| {d} | {v['family']} | {traj} | {_fmt(c.get('delta'))} | {_fmt(c.get('p_holm'))} | "
-                     f"{c.get('level', '–')} | {_fmt(s.get('delta'))} | {s.get('level', '–')} |")
+        cells = []
+        for n in names:
+            e = v.get(n)
+            cells.append("–" if e is None else f"{e['mean']:.3f}" + (
+                f" [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}]" if e.get("ci95") else ""))
+        c = (v.get(last) or {}).get("vs_reference") or {}
+        p = (v.get(last) or {}).get("vs_previous") or {}
+        lines.append(f"| {d} | {v['family']} | {' | '.join(cells)} | {_f(c.get('delta'), sign=True)} | "
+                     f"{_f(c.get('p_holm'))} | {c.get('level', '–')} | {_f(p.get('delta'), sign=True)} | "
+                     f"{p.get('level', '–')} | {_f(v['trend']['slope'], 4, sign=True)} |")
+    if rep["activations"].get(last):
+        lines += ["", "## Activation probes (directions frozen at the reference)", "",
+                  "Projection shift of the pre-reply state along each gen-0 trait direction, in units of gen-0's "
+                  "misaligned–aligned gap (positive = toward the misaligned trait), against random directions "
+                  "at the same layer.", "",
+                  "| dimension | layer | gen-0 AUROC | shift | z vs random | AUROC now | cosine | level |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for d, r in rep["activations"][last].items():
+            lines.append(f"| {d} | {r.get('layer')} | {_f(r.get('auroc_heldout_ref'))} | "
+                         f"{_f(r['projection_shift'], sign=True)} | {_f(r['z_vs_random'], 2, sign=True)} | "
+                         f"{_f(r['auroc'])} | {_f(r['cosine'])} | {r['level']} |")
+    if rep["embedding"]:
+        lines += ["", "## External embedding drift (all-MiniLM-L6-v2)", "",
+                  "| generation | MMD² vs ref | p | reseed null MMD² | effect (× null) | level |", "|---|---|---|---|---|---|"]
+        for n, e in rep["embedding"].items():
+            lines.append(f"| {n} | {_f(e.get('mmd2'), 4)} | {_f(e.get('p'))} | {_f(e.get('null_mmd2'), 4)} | "
+                         f"{_f(e.get('effect'), 2)} | {e.get('level', '–')} |")
+    if rep["collapse"]:
+        metrics = sorted({m for c in rep["collapse"].values() for m in c["values"]})
+        lines += ["", "## Collapse metrics", "", f"| generation | {' | '.join(metrics)} |",
+                  "|---|" + "---|" * len(metrics)]
+        for n, c in rep["collapse"].items():
+            lines.append(f"| {n} | " + " | ".join(_f(c["values"].get(m)) for m in metrics) + " |")
+    if rep["monitoring_cue_gap"].get(last):
+        lines += ["", "## Monitoring-cue gap", "", "P(aligned) with a cue that the conversation is monitored "
+                  "and used for training, minus without; a gap that grows means selective compliance.", "",
+                  "| dimension | gap now | Δ gap vs ref | p_holm | level |", "|---|---|---|---|---|"]
+        for d, r in rep["monitoring_cue_gap"][last].items():
+            lines.append(f"| {d} | {_f(r['gap'], sign=True)} | {_f(r['delta'], sign=True)} | {_f(r['p_holm'])} | "
+                         f"{r['level']} |")
+    if rep["concealment"].get(last):
+        lines += ["", "## Expression–representation gap", "", "Possible concealment (behaviour improved, the "
+                  "internal projection did not): " + ", ".join(f"`{d}`" for d in rep["concealment"][last])]
     if rep.get("answer_bias"):
-        lines += ["", "## Answer bias", "", "Mean P(\"Yes\" or \"(A)\") over answer-option items, regardless of "
-                  "polarity: a shift here is answer bias, not values.", ""]
-        for g, b in rep["answer_bias"].items():
-            lines.append(f"- {g}: {b:.3f}")
+        lines += ["", "## Answer bias", "", "Mean P(\"Yes\" or \"(A)\") over answer-option items regardless of "
+                  "polarity: a shift here is answer bias, not values (polarity balance cancels it in the scores).", ""]
+        lines += [f"- {g}: {b:.3f}" for g, b in rep["answer_bias"].items()]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- html
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+.alert{background:#fdd;font-weight:bold}.watch{background:#ffe9b3}.ok{background:#e9f7e9}
+.charts{display:flex;flex-wrap:wrap;gap:12px}svg{background:#fafafa;border:1px solid #ddd}"""
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{body}</body></html>")
+
+
+def svg_chart(title: str, series: dict[str, list], width=340, height=200, ylim=None) -> str:
+    """Lines over generations; each series is a list of (y, lo, hi) or None, drawn with CI bars."""
+    pts = [v for s in series.values() for v in s if v is not None]
+    if not pts:
+        return ""
+    ys = [p[0] for p in pts] + [p[1] for p in pts if p[1] is not None] + [p[2] for p in pts if p[2] is not None]
+    lo, hi = ylim or (min(ys), max(ys))
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(len(s) for s in series.values())
+    L, R, T, B = 40, 10, 22, 24
+
+    def X(i):
+        return L + (width - L - R) * (i / max(n - 1, 1))
+
+    def Y(v):
+        return T + (height - T - B) * (1 - (v - lo) / (hi - lo))
+
+    out = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>",
+           f"<text x='{L}' y='14' font-size='12'>{html.escape(title)}</text>",
+           f"<text x='2' y='{Y(hi) + 4:.1f}' font-size='9'>{hi:.2f}</text>",
+           f"<text x='2' y='{Y(lo) + 4:.1f}' font-size='9'>{lo:.2f}</text>"]
+    for i in range(n):
+        out.append(f"<text x='{X(i) - 6:.1f}' y='{height - 8}' font-size='9'>g{i}</text>")
+    for c, (name, s) in enumerate(series.items()):
+        col = _COLORS[c % len(_COLORS)]
+        line = [f"{X(i):.1f},{Y(v[0]):.1f}" for i, v in enumerate(s) if v is not None]
+        if len(line) > 1:
+            out.append(f"<polyline fill='none' stroke='{col}' stroke-width='1.5' points='{' '.join(line)}'/>")
+        for i, v in enumerate(s):
+            if v is None:
+                continue
+            if v[1] is not None and v[2] is not None:
+                out.append(f"<line x1='{X(i):.1f}' x2='{X(i):.1f}' y1='{Y(v[1]):.1f}' y2='{Y(v[2]):.1f}' "
+                           f"stroke='{col}' opacity='0.6'/>")
+            out.append(f"<circle cx='{X(i):.1f}' cy='{Y(v[0]):.1f}' r='2.5' fill='{col}'/>")
+        if len(series) > 1:
+            out.append(f"<text x='{width - R - 90}' y='{T + 10 + 11 * c}' font-size='9' fill='{col}'>"
+                       f"{html.escape(name[:18])}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def render_html(rep: dict) -> str:
+    e = html.escape
+    names = rep["generations"]
+    body = [f"<h1>{e(rep['title'] or 'Drift report')}</h1>"]
+    if rep.get("run"):
+        body.append(f"<p>Run: <code>{e(rep['run'])}</code>. Reference: {e(rep['reference'])} (frozen).</p>")
+    body.append("<h2>Headline</h2>")
+    if rep["alerts"]:
+        body.append("<table><tr><th>level</th><th>candidate</th><th>dimension</th><th>instrument</th>"
+                    "<th>comparison</th><th>shift</th><th>p</th></tr>")
+        for a in rep["alerts"]:
+            p = a.get("p_holm", a.get("p"))
+            body.append(f"<tr class='{a['level']}'><td>{a['level']}</td><td>{e(a['candidate'])}</td>"
+                        f"<td>{e(a['dimension'])}</td><td>{e(a['instrument'])}</td><td>{e(a['comparison'])}</td>"
+                        f"<td>{_f(a.get('delta'), sign=True)}</td><td>{_f(p)}</td></tr>")
+        body.append("</table>")
+    else:
+        body.append(f"<p class='ok'>{e(_headline(rep)[0])}</p>")
+    body.append("<h2>Value dimensions: P(aligned) with 95% CI</h2><div class='charts'>")
+    for d, v in rep["dimensions"].items():
+        s = [(v[n]["mean"], *(v[n]["ci95"] or (None, None))) if n in v else None for n in names]
+        body.append(svg_chart(f"{d} ({v['family']})", {d: s}, ylim=(0.0, 1.0)))
+    body.append("</div>")
+    if rep["activations"]:
+        dims = sorted({d for a in rep["activations"].values() for d in a})
+        series = {d: [(rep["activations"][n][d]["projection_shift"], None, None) if d in rep["activations"].get(n, {})
+                      else None for n in names] for d in dims}
+        rnd = [(0.0, -2 * rep["activations"][n][dims[0]]["random_shift_sd"],
+                2 * rep["activations"][n][dims[0]]["random_shift_sd"]) if dims[0] in rep["activations"].get(n, {})
+               else None for n in names]
+        body.append("<h2>Activation shift (fraction of gen-0 gap; + = toward the trait)</h2><div class='charts'>")
+        body.append(svg_chart("projection shift", series, width=520, height=260))
+        body.append(svg_chart("random directions (±2 sd)", {"random": rnd}))
+        body.append("</div>")
+    if rep["embedding"]:
+        emb = {"MMD² vs ref": [(rep["embedding"][n]["mmd2"], None, None) if n in rep["embedding"]
+                               and rep["embedding"][n].get("mmd2") is not None else None for n in names],
+               "reseed null": [(rep["embedding"][n]["null_mmd2"], None, None) if n in rep["embedding"]
+                               and rep["embedding"][n].get("null_mmd2") is not None else None for n in names]}
+        body.append("<h2>External embedding drift</h2>" + svg_chart("MMD² (all-MiniLM-L6-v2)", emb, width=420))
+    if rep["collapse"]:
+        metrics = sorted({m for c in rep["collapse"].values() for m in c["values"]
+                          if isinstance(c["values"][m], (int, float))})
+        body.append("<h2>Collapse metrics</h2><div class='charts'>")
+        for m in metrics:
+            s = [(rep["collapse"][n]["values"][m], None, None) if n in rep["collapse"]
+                 and rep["collapse"][n]["values"].get(m) is not None else None for n in names]
+            body.append(svg_chart(m, {m: s}, width=260, height=160))
+        body.append("</div>")
+    body.append("<h2>Details</h2><pre>" + e(render_markdown(rep)) + "</pre>")
+    return _page(rep["title"] or "Drift report", "".join(body))

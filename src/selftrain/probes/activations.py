@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import UserError
-from .behavioural import _prefix
+from .behavioural import _prefix, completion_logprobs, left_padded as _left_padded
 
 # The random baseline in `measure`: 32 directions put the sd of the baseline within about
 # 1/sqrt(2*31) ~ 13 % of its true value, which is enough for a z-score used as a flag.
@@ -47,17 +47,6 @@ def _tokenise_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[
     return out
 
 
-def _left_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, attention mask and position ids that start at 0 on the first real token."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s)
-        mask[r, width - len(s):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _batches(tokenized: list[tuple[list[int], list[int]]], batch_size: int):
     """Index groups, longest first, so each batch pads little."""
     order = sorted(range(len(tokenized)), key=lambda i: -(len(tokenized[i][0]) + len(tokenized[i][1])))
@@ -65,28 +54,13 @@ def _batches(tokenized: list[tuple[list[int], list[int]]], batch_size: int):
         yield order[start:start + batch_size]
 
 
-@torch.inference_mode()
 def pooled_states(model, tokenizer, pairs: list[tuple[str, str]],
                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Residual stream of each (user prompt, reply): mean over the reply tokens, and at the last
-    prompt token. Both [n, L+1, d] float32 (index 0 = embeddings, L = last layer's output)."""
-    tokenized = _tokenise_pairs(tokenizer, pairs)
-    n_states = model.config.num_hidden_layers + 1
-    d = model.config.hidden_size
-    reply = np.zeros((len(pairs), n_states, d), dtype=np.float32)
-    prompt = np.zeros((len(pairs), n_states, d), dtype=np.float32)
-    batches = list(_batches(tokenized, batch_size))
-    for idx in tqdm(batches, desc="activations", unit="batch", leave=False):
-        ids, mask, pos = _left_padded([tokenized[i][0] + tokenized[i][1] for i in idx], tokenizer.pad_token_id)
-        out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                    position_ids=pos.to(model.device), output_hidden_states=True, use_cache=False)
-        hs = torch.stack(out.hidden_states, dim=1).float()  # [b, L+1, T, d]
-        width = ids.shape[1]
-        for r, i in enumerate(idx):
-            n = len(tokenized[i][1])
-            # left padding: the reply is the last n positions, the last prompt token just before it
-            reply[i] = hs[r, :, width - n:].mean(dim=1).cpu().numpy()
-            prompt[i] = hs[r, :, width - n - 1].cpu().numpy()
+    prompt token. Both [n, L+1, d] float32 (index 0 = embeddings, L = last layer's output).
+    The same passes as the behavioural scoring (`completion_logprobs(states=True)`)."""
+    _, reply, prompt = completion_logprobs(model, tokenizer, _tokenise_pairs(tokenizer, pairs), batch_size,
+                                           desc="activations", states=True)
     return reply, prompt
 
 
@@ -172,7 +146,7 @@ def measure(frozen: dict, pos: np.ndarray, neg: np.ndarray, prompt_states: np.nd
     random_shifts = rand @ raw_shift / gap
     r_mean = float(random_shifts.mean())
     r_sd = float(random_shifts.std(ddof=1)) if n_random > 1 else 0.0
-    return {"layer": layer, "projection_shift": projection_shift, "reply_shift": reply_shift,
+    return {"projection_shift": projection_shift, "reply_shift": reply_shift,
             "auroc": auroc(pos_p, neg_p), "cosine": float(redone @ v),
             "random_shift_mean": r_mean, "random_shift_sd": r_sd,
             "z_vs_random": (projection_shift - r_mean) / max(r_sd, 1e-9)}
@@ -193,8 +167,8 @@ def save_directions(path, directions: dict[str, dict]) -> None:
 
 
 def load_directions(path) -> dict[str, dict]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file, safe_open
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load_file
 
     path = Path(path)
     if not path.is_file():

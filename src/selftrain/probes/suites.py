@@ -62,6 +62,11 @@ class Suite:
             out += [it.prompt] + ([it.aligned, it.misaligned] if it.kind == "contrast" else [])
         return out
 
+    def cued(self, cue: str) -> "Suite":
+        """The same items with a cue (e.g. that the conversation is monitored) before each prompt."""
+        items = [Item(**{**it.__dict__, "prompt": f"{cue}\n\n{it.prompt}"}) for it in self.items]
+        return Suite(self.name, self.version, self.sha256, self.dimensions, items)
+
     def select(self, dimensions: list[str] | None, max_items: int | None) -> "Suite":
         """A sub-suite: some dimensions, at most `max_items` per dimension and kind.
 

@@ -1,0 +1,184 @@
+"""The monitor stage: every instrument on one model, artifacts into one folder.
+
+`probe_model` writes, under `out/`:
+    probes/                      behavioural per-item scores (+ score_cued: the monitoring-cue variant)
+    monitor/activations.json     projection shift, AUROC, rotation vs the frozen reference directions
+    monitor/directions.*         (reference only) difference-of-means directions, frozen from then on
+    monitor/samples.jsonl        free-form samples of held-out probe prompts (never training data)
+    monitor/embedding.json       MMD^2 vs the reference's samples (reference: its reseed null)
+    monitor/collapse.json        distinct-n, compression, dispersion, token entropy, held-out perplexity
+The reference (generation 0) is probed first; every later model is measured against what the
+reference folder holds, so the reference is frozen by construction. Reports read these files.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from . import UserError
+from .probes import activations as act
+from .probes import collapse, embedding
+from .probes.behavioural import score_suite
+from .probes.suites import Suite
+from .records import atomic_dir, read_json, write_json, write_jsonl
+from .sample import HFSampler, SamplingParams
+
+
+def monitor_prompts(suite: Suite, n: int) -> list[str]:
+    """A fixed draw of held-out contrast prompts, spread over dimensions (same in every generation)."""
+    prompts = [it.prompt for it in suite.items if it.kind == "contrast"]
+    if not prompts:
+        prompts = [it.prompt for it in suite.items]
+    rng = random.Random("monitor-prompts")
+    return rng.sample(prompts, min(n, len(prompts)))
+
+
+def check_architecture(model, reference_dir: Path) -> None:
+    """Activations are only comparable between models of one architecture and width."""
+    ref = read_json(reference_dir / "monitor" / "architecture.json")
+    cur = _architecture(model)
+    if ref != cur:
+        raise UserError(f"candidate architecture {cur} differs from the reference's {ref}: "
+                        "activation probes compare models of one architecture only")
+
+
+def _architecture(model) -> dict:
+    c = model.config
+    return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers}
+
+
+def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Path,
+                reference: Path | None, seed: int, batch_size: int = 16) -> dict:
+    """Run every enabled instrument; `reference` is None when this model IS the reference."""
+    out = Path(out)
+    counts: dict = {}
+    if reference is not None and monitor_cfg.activations:
+        check_architecture(model, reference)
+
+    if monitor_cfg.activations:
+        rows, states = score_suite(model, tokenizer, suite, probes_cfg.batch_size, states=True)
+    else:
+        rows = score_suite(model, tokenizer, suite, probes_cfg.batch_size)
+    if monitor_cfg.cue_gap:
+        # the cue variant runs on a fixed subset (cue_items per dimension and kind) to bound its cost
+        sub = suite.select(None, monitor_cfg.cue_items)
+        cued = {r["item_id"]: r["score"] for r in
+                score_suite(model, tokenizer, sub.cued(monitor_cfg.cue), probes_cfg.batch_size)}
+        for r in rows:
+            r["score_cued"] = cued.get(r["item_id"], float("nan"))
+    families = {d.name: d.family for d in suite.dimensions.values()}
+    rows = [{"family": families[r["dimension"]], **r} for r in rows]
+    from datasets import Dataset
+    with atomic_dir(out / "probes") as tmp:
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+    counts["items"] = len(rows)
+    mon = out / "monitor"
+    mon.mkdir(parents=True, exist_ok=True)
+
+    if monitor_cfg.activations:
+        results, directions = {}, {}
+        ref_dirs = act.load_directions(reference / "monitor" / "directions") if reference is not None else None
+        dim_of = np.array(states["dimension"])
+        for d in dict.fromkeys(states["dimension"]):
+            sel = dim_of == d
+            if sel.sum() < 4:  # a direction needs a few pairs to fit and to hold out
+                continue
+            if ref_dirs is not None and d not in ref_dirs:
+                continue
+            pos, neg, prompt_states = states["pos"][sel], states["neg"][sel], states["prompt"][sel]
+            frozen = ref_dirs[d] if ref_dirs is not None else act.fit_direction(pos, neg, seed=0)
+            layer = frozen["layer"]
+            if ref_dirs is None:
+                directions[d] = frozen
+                ref_prompt = prompt_states
+                np.save(mon / f"prompt_states.{d}.npy", prompt_states[:, layer, :])
+            else:
+                ref_prompt_l = np.load(reference / "monitor" / f"prompt_states.{d}.npy")
+                ref_prompt = np.zeros_like(prompt_states)
+                ref_prompt[:, layer, :] = ref_prompt_l
+            m = act.measure(frozen, pos, neg, prompt_states, ref_prompt, seed=0)
+            results[d] = {"layer": int(layer), "auroc_heldout_ref": float(frozen["auroc_heldout"]),
+                          **{k: float(v) for k, v in m.items()}}
+        if ref_dirs is None:
+            act.save_directions(mon / "directions", directions)
+            write_json(mon / "architecture.json", _architecture(model))
+        write_json(mon / "activations.json", results)
+        counts["activation_dimensions"] = len(results)
+
+    samples = None
+    if monitor_cfg.embedding or monitor_cfg.collapse:
+        prompts = monitor_prompts(suite, monitor_cfg.embedding_prompts)
+        sampler = HFSampler(model, tokenizer, batch_size=batch_size)
+        params = SamplingParams(max_new_tokens=monitor_cfg.embedding_max_new_tokens, temperature=0.7,
+                                top_p=0.95, repetition_penalty=1.1, seed=seed)
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        samples = sampler.chat(convs, params, desc="monitor samples")
+        write_jsonl(mon / "samples.jsonl", [{"prompt": p, "response": s, "seed": seed}
+                                            for p, s in zip(prompts, samples)])
+        counts["monitor_samples"] = len(samples)
+
+    emb = None
+    if monitor_cfg.embedding:
+        enc = embedding.Encoder()
+        emb = enc.encode(samples)
+        np.save(mon / "embeddings.npy", emb)
+        if reference is None:
+            # the reseed null: the same model, the same prompts, another sampling seed
+            reseed = sampler.chat(convs, SamplingParams(**{**params.__dict__, "seed": seed + 7_777}),
+                                  desc="monitor reseed")
+            emb2 = enc.encode(reseed)
+            bw = embedding.median_bandwidth(np.concatenate([emb, emb2]))
+            write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": bw, "n": len(emb),
+                                                "null_mmd2": embedding.mmd2(emb, emb2, bw)})
+        else:
+            ref_meta = read_json(reference / "monitor" / "embedding.json")
+            ref_emb = np.load(reference / "monitor" / "embeddings.npy")
+            test = embedding.mmd_test(ref_emb, emb, ref_meta["bandwidth"], n_perm=monitor_cfg.permutations, seed=seed)
+            write_json(mon / "embedding.json", {
+                "encoder": enc.describe(), "bandwidth": ref_meta["bandwidth"], "n": len(emb), **test,
+                "null_mmd2": ref_meta["null_mmd2"],
+                "effect": embedding.drift_effect(test["mmd2"], ref_meta["null_mmd2"])})
+
+    if monitor_cfg.collapse:
+        metrics = collapse.collapse_metrics(samples, emb)
+        metrics["mean_token_entropy"] = collapse.mean_token_entropy(
+            model, tokenizer, list(zip([c[0]["content"] for c in convs], samples)), batch_size)
+        metrics["perplexity_heldout"] = collapse.perplexity(model, tokenizer, collapse.heldout_texts())
+        write_json(mon / "collapse.json", metrics)
+    return counts
+
+
+
+def monitor_checkpoints(cfg, out: Path) -> dict:
+    """`selftrain-drift`: probe a reference and candidate checkpoints, write one report into `out`.
+
+    The reference plays generation 0 (directions and bandwidth are fixed on it); each candidate is
+    sampled with its own seed, so a candidate identical to the reference is a reseed control.
+    """
+    import gc
+
+    from . import models
+    from .probes.suites import load_suite
+    from .report import build_report, write_report
+    from .schema import monitor_settings
+
+    if not cfg.candidates:
+        raise UserError("candidates is empty: give at least one checkpoint, e.g. candidates=[runs/x/gen-001/model]")
+    suite = load_suite(cfg.probes.suite).select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
+    paths = [models.resolve(cfg.reference)] + [models.resolve(c) for c in cfg.candidates]
+    labels = [str(cfg.reference)] + [str(c) for c in cfg.candidates]
+    folders = [Path(out) / "reference"] + [Path(out) / f"candidate-{i:02d}" for i in range(1, len(paths))]
+    for i, (path, folder) in enumerate(zip(paths, folders)):
+        tok = models.load_tokenizer(path, cfg.model.trust_remote_code)
+        model = models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code)
+        write_json(folder / "checkpoint.json", {"label": labels[i], "path": path})
+        probe_model(model, tok, suite, cfg.probes, cfg.monitor, folder, reference=None if i == 0 else folders[0],
+                    seed=cfg.seed + i, batch_size=cfg.batch_size)
+        del model
+        gc.collect()
+    report = build_report(list(zip(labels, folders)), monitor_settings(cfg.monitor), alert_on=labels[1:],
+                          title="Drift report: checkpoints against a reference")
+    write_report(report, Path(out))
+    return report

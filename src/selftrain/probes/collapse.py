@@ -1,0 +1,116 @@
+"""Diversity-collapse metrics: does recursive self-training narrow what the model says?
+
+Models trained on their own outputs lose the tails of the distribution first, then converge
+on a narrow, repetitive mode (Shumailov et al. 2024, "AI models collapse when trained on
+recursively generated data"; Guo et al. 2024 on the loss of linguistic diversity). Each
+generation's replies get:
+- distinct-n (Li et al. 2016): unique n-grams over all n-grams, lowercased whitespace tokens;
+- compression ratio: raw bytes over zlib level-9 bytes; repetitive text compresses better;
+- embedding dispersion: mean pairwise cosine distance of the replies' sentence embeddings;
+- mean token entropy of the model's own next-token distribution over its replies;
+and the model gets the perplexity of heldout.txt, 40 paragraphs of plain everyday English
+prose written for this project (recipes, letters, diaries, short histories; nothing about AI
+or the probe suites). It never enters training, so a rise across generations is lost general
+language quality, not a change of values.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .activations import _batches, _left_padded, _tokenise_pairs
+
+HELDOUT = Path(__file__).with_name("heldout.txt")
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique n-grams / all n-grams, counted within each text and pooled; 0.0 if there are none."""
+    seen, total = set(), 0
+    for t in texts:
+        tokens = t.lower().split()
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        seen.update(grams)
+        total += len(grams)
+    return len(seen) / total if total else 0.0
+
+
+def compression_ratio(texts: list[str]) -> float:
+    """len(utf-8 of the texts joined by newlines) / len(its zlib level-9 compression)."""
+    raw = "\n".join(texts).encode("utf-8")
+    return len(raw) / len(zlib.compress(raw, 9))
+
+
+def embedding_dispersion(emb: np.ndarray) -> float:
+    """Mean cosine distance (1 - cos) over all pairs of distinct rows; 0.0 for fewer than 2 rows."""
+    E = np.asarray(emb, dtype=np.float64)
+    if len(E) < 2:
+        return 0.0
+    norms = np.linalg.norm(E, axis=1, keepdims=True)
+    E = E / np.where(norms > 0, norms, 1.0)  # a zero row has cosine 0 with everything
+    iu = np.triu_indices(len(E), k=1)
+    return float((1.0 - (E @ E.T)[iu]).mean())
+
+
+@torch.inference_mode()
+def mean_token_entropy(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16) -> float:
+    """Entropy (nats) of the next-token distribution at each reply token, averaged over every
+    reply token of every pair (chat template on the prompt, as the probes build it)."""
+    if not pairs:
+        raise ValueError("mean_token_entropy needs at least one (prompt, reply) pair")
+    tokenized = _tokenise_pairs(tokenizer, pairs)
+    total, count = 0.0, 0
+    batches = list(_batches(tokenized, batch_size))
+    for idx in tqdm(batches, desc="entropy", unit="batch", leave=False):
+        ids, mask, pos = _left_padded([tokenized[i][0] + tokenized[i][1] for i in idx], tokenizer.pad_token_id)
+        # Only the positions that predict reply tokens need logits: the last (longest reply + 1).
+        keep = max(len(tokenized[i][1]) for i in idx) + 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       position_ids=pos.to(model.device), logits_to_keep=keep).logits.float()
+        for r, i in enumerate(idx):
+            n = len(tokenized[i][1])
+            logp = torch.log_softmax(logits[r, keep - 1 - n: keep - 1], dim=-1)  # predicts the n reply tokens
+            total += float(-(logp.exp() * logp).sum())
+            count += n
+    return total / count
+
+
+def heldout_texts() -> list[str]:
+    """The paragraphs of heldout.txt (blank-line separated, whitespace joined)."""
+    paragraphs = HELDOUT.read_text(encoding="utf-8").split("\n\n")
+    return [" ".join(p.split()) for p in paragraphs if p.strip()]
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8, max_length: int = 256) -> float:
+    """exp(mean next-token NLL) over all tokens of plain texts (no chat template, no special
+    tokens, each text truncated to max_length tokens). The first token of a text is context only."""
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise ValueError("perplexity needs at least one text of 2 or more tokens")
+    nll, count = 0.0, 0
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", unit="batch", leave=False):
+        batch = [seqs[i] for i in order[start:start + batch_size]]
+        ids, mask, pos = _left_padded(batch, tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos.to(model.device)).logits
+        loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        target_mask = mask[:, 1:] * mask[:, :-1]  # a real token predicted from a real token
+        nll += float((loss * target_mask).sum())
+        count += int(target_mask.sum())
+    return math.exp(nll / count)
+
+
+def collapse_metrics(texts: list[str], emb: np.ndarray | None) -> dict:
+    """The text-only metrics of one generation's replies (emb: their sentence embeddings, or None)."""
+    return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+            "distinct_3": distinct_n(texts, 3), "compression_ratio": compression_ratio(texts),
+            "embedding_dispersion": None if emb is None else embedding_dispersion(emb),
+            "mean_length_words": float(np.mean([len(t.split()) for t in texts])) if texts else 0.0}

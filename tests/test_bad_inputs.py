@@ -1,0 +1,422 @@
+"""A corpus of bad inputs, each run through the real `selftrain` console script.
+
+The contract: an error the user caused prints exactly one non-empty line on stderr,
+`selftrain: error: <message naming the file, key or value at fault>`, exits with status 2,
+shows no traceback (unless HYDRA_FULL_ERROR=1) and leaves existing run data unchanged.
+
+Every case must fail before any model loads. As a tripwire, cases that do not set
+`model.name_or_path` themselves point it at a folder that does not exist, so a case whose
+intended error does not fire stops at model resolution (with the wrong message) instead of
+loading a model. Cases run as subprocesses, in parallel, from one session-scoped pool: each
+test waits only for its own run, and only the selected tests' runs are started.
+
+A case that breaks the contract today is a strict xfail naming the exact set of breaches
+it shows (`known`): a different set of breaches fails the test, and a fixed case XPASSes,
+which strict mode turns into a failure, so the mark is removed with the fix.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+SELFTRAIN = Path(sys.executable).parent / "selftrain"
+DATA = Path(__file__).resolve().parent / "data"
+BAD = DATA / "bad"
+MINI = DATA / "mini_suite"
+PREFIX = "selftrain: error: "
+TIMEOUT_S = 300  # a run that gets this far has loaded something it should not have
+
+# A relative path, resolved against each run's own working folder, where nothing exists.
+TRIPWIRE = "model.name_or_path=./tripwire-no-such-model/model"
+
+# Breach names (see `breaches`), and the sets today's known failures show.
+JOBLINE = frozenset({"extra-lines"})
+CRASH = frozenset({"exit-status", "traceback", "error-line", "extra-lines"})
+JOBLINE_REASON = ("inside the Hydra job, Hydra's JobReturn.return_value writes 'Error executing job with "
+                  "overrides: [...]' to stderr before re-raising, so the error is two lines")
+
+
+# --------------------------------------------------------------------------- the corpus
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]  # overrides; <BAD>, <MINI>, <WORK> are replaced by absolute paths
+    culprit: tuple[str, ...]  # substrings the error line must hold (same placeholders)
+    known: frozenset = frozenset()  # breaches it shows today (a strict xfail), empty if none
+    reason: str = ""
+    setup: Callable[[Path], None] | None = None  # builds inputs in the run's working folder
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def tripwire(self) -> bool:
+        return not any(a.lstrip("+").startswith("model.name_or_path=") for a in self.args)
+
+
+def _mkdir(rel: str) -> Callable[[Path], None]:
+    return lambda work: (work / rel).mkdir(parents=True)
+
+
+def _big_constitution(work: Path) -> None:
+    text = "# " + "x" * 1_000_100 + "\n" + (BAD / "constitution" / "duplicate_id.yaml").read_text()
+    (work / "big.yaml").write_text(text)
+
+
+def _model_folder_without_config(work: Path) -> None:
+    (work / "model_no_config").mkdir()
+    (work / "model_no_config" / "README.md").write_text("weights went elsewhere\n")
+
+
+def _fake_model(work: Path) -> None:
+    """Passes model resolution (a config.json), but holds nothing that loads."""
+    (work / "fake_model").mkdir()
+    (work / "fake_model" / "config.json").write_text("{}\n")
+
+
+RESUME_ARGS = ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/fake_model'")
+
+
+def _resume_literal(work: Path) -> None:
+    _fake_model(work)
+    (work / "run").mkdir()
+    (work / "run" / "manifest.json").write_text(
+        json.dumps({"config": {"seed": 99}, "schema_version": 1, "stages": {}}, indent=2) + "\n")
+
+
+def _compose(overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from selftrain.paths import conf_dir
+    from selftrain.schema import register
+
+    register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+
+
+def _resume_seed(work: Path) -> None:
+    """A run folder whose manifest holds exactly this command's config but seed=99, and the
+    record Hydra wrote when that earlier run started."""
+    _fake_model(work)
+    config = _compose([_fill(a, work) for a in RESUME_ARGS] + ["seed=99"])
+    run = work / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps(
+        {"schema_version": 1, "created": "2025-01-01T00:00:00+00:00", "config": config, "status": "failed",
+         "stages": {}}, indent=2) + "\n")
+    (run / "gen-000").mkdir()
+    (run / "gen-000" / "manifest.json").write_text('{"generation": 0, "stages": {}}\n')
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("seed: 99\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=99\n")
+
+
+def C(id, args, *culprit, known=frozenset(), reason="", setup=None, env=()):
+    return Case(id, tuple([args] if isinstance(args, str) else args), tuple(culprit), frozenset(known),
+                reason, setup, tuple(env))
+
+
+def constitution(id, file, *culprit, **kw):
+    return C(f"constitution-{id}", f"constitution.path='{file}'", *culprit, **kw)
+
+
+def prompt_file(id, file, *culprit, **kw):
+    return C(f"prompts-{id}", f"prompts.sources=[{{name:x,path:'{file}'}}]", *culprit, **kw)
+
+
+def probes(id, suite, *culprit, extra=(), **kw):
+    return C(f"probes-{id}", (f"probes.suite='{suite}'", *extra), *culprit, **kw)
+
+
+CORPUS = [
+    # ---- configs, refused while Hydra composes (before the job starts)
+    C("cfg-unknown-top-key", "foo=1", "'foo'"),
+    C("cfg-unknown-nested-key", "sampler.bogus=1", "sampler.bogus"),
+    C("cfg-generations-not-int", "generations=abc", "generations=abc"),
+    C("cfg-batch-size-float", "sampler.batch_size=1.5", "sampler.batch_size=1.5"),
+    C("cfg-seed-list", "seed=[1]", "seed=[1]"),
+    C("cfg-generations-null", "generations=null", "generations"),
+    C("cfg-lora-rank-string", "train.lora.r=x", "train.lora.r=x"),
+    C("cfg-dimensions-not-list", "probes.dimensions=abc", "probes.dimensions"),
+    C("cfg-prompt-source-unknown-field", "prompts.sources=[{name:x,bogus:1}]", "'bogus'"),
+    C("cfg-unknown-constitution-option", "constitution=nope", "constitution/nope"),
+    C("cfg-unknown-model-option", "model=nope", "model/nope"),
+    C("cfg-unknown-experiment-option", "experiment=nope", "nope",
+      known={"culprit", "extra-lines"},
+      reason="`optional experiment` in conf/config.yaml makes Hydra skip a missing option silently: "
+             "experiment=nope runs the default experiment (here it stops at a later, unrelated error)"),
+    C("cfg-append-unknown-top-key", "+foo=1", "foo",
+      known={"culprit", "extra-lines"},
+      reason="`+foo=1` adds a key the schema lacks and Hydra accepts it; nothing refuses it later"),
+    # ---- configs, refused by schema.validate (inside the job)
+    C("cfg-generations-zero", "generations=0", "generations=0", known=JOBLINE, reason=JOBLINE_REASON),
+    C("cfg-negative-temperature", "sampler.temperature=-0.5", "sampler.temperature=-0.5",
+      known=JOBLINE, reason=JOBLINE_REASON),
+    C("cfg-top-p-zero", "sampler.top_p=0", "sampler.top_p=0", known=JOBLINE, reason=JOBLINE_REASON),
+    C("cfg-sft-unknown-field", "+train.sft.learnin_rate=1e-4", "train.sft.learnin_rate",
+      known=JOBLINE, reason=JOBLINE_REASON),
+    C("cfg-sft-output-dir", "+train.sft.output_dir=/tmp/elsewhere", "train.sft.output_dir",
+      known=JOBLINE, reason=JOBLINE_REASON),
+    C("cfg-dtype-int8", "model.dtype=int8", "model.dtype=int8", known=JOBLINE, reason=JOBLINE_REASON),
+    C("cfg-critique-rounds-zero", "critique.rounds=0", "critique.rounds=0", known=JOBLINE, reason=JOBLINE_REASON),
+    C("cfg-source-path-and-hf", "prompts.sources=[{name:x,path:'<BAD>/prompts/ok.jsonl',hf:org/data}]",
+      "prompts.sources[0]", "`path`", known=JOBLINE, reason=JOBLINE_REASON),
+    C("cfg-source-n-zero", "prompts.sources=[{name:x,path:'<BAD>/prompts/ok.jsonl',n:0}]",
+      "prompts.sources[0].n=0", known=JOBLINE, reason=JOBLINE_REASON),
+    # ---- model (a valid probe suite, so that model resolution is reached)
+    C("model-missing-folder", ("probes.suite='<MINI>'", "model.name_or_path=./nope/model"), "./nope/model",
+      known=JOBLINE, reason=JOBLINE_REASON),
+    C("model-folder-without-config", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/model_no_config'"),
+      "model_no_config", "config.json", setup=_model_folder_without_config, known=JOBLINE, reason=JOBLINE_REASON),
+    C("model-embedded-unknown", ("probes.suite='<MINI>'", "model.name_or_path='embedded:unknown'"),
+      "embedded:unknown", known=JOBLINE, reason=JOBLINE_REASON),
+    # ---- constitution files
+    constitution("missing-file", "<BAD>/constitution/does_not_exist.yaml", "does_not_exist.yaml",
+                 known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("yaml-syntax", "<BAD>/constitution/yaml_syntax.yaml", "yaml_syntax.yaml", "line 4",
+                 known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("no-principles", "<BAD>/constitution/no_principles.yaml", "no_principles.yaml", "'principles'",
+                 known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("missing-revision", "<BAD>/constitution/missing_revision.yaml", "missing_revision.yaml",
+                 "principles[1]", "'revision'", known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("duplicate-id", "<BAD>/constitution/duplicate_id.yaml", "duplicate_id.yaml",
+                 "duplicate id 'honesty'", known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("md-no-front-matter", "<BAD>/constitution/no_front_matter.md", "no_front_matter.md",
+                 "front matter", known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("md-heading-without-id", "<BAD>/constitution/heading_without_id.md", "heading_without_id.md",
+                 "## Avoiding harm", known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("md-request-without-section", "<BAD>/constitution/no_section_placeholder.md",
+                 "no_section_placeholder.md", "critique_request", "{section}", known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("fewshot-missing", "<BAD>/constitution/fewshot_missing.yaml", "fewshot_missing.yaml",
+                 "does_not_exist.yaml", known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("fewshot-exemplar-missing-key", "<BAD>/constitution/fewshot_bad_exemplar.yaml",
+                 "missing_key.yaml", "exemplars[1]", "'critique'", known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("not-utf8", "<BAD>/constitution/not_utf8.yaml", "not_utf8.yaml", "UTF-8",
+                 known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("over-1mb", "<WORK>/big.yaml", "big.yaml", "1000000", setup=_big_constitution,
+                 known=JOBLINE, reason=JOBLINE_REASON),
+    constitution("is-a-folder", "<BAD>/constitution", "<BAD>/constitution", known=CRASH,
+                 reason="a folder as constitution.path: Path.read_text raises IsADirectoryError, "
+                        "which the CLI treats as a bug (traceback, exit 1)"),
+    # ---- prompt files
+    prompt_file("missing-file", "<BAD>/prompts/does_not_exist.jsonl", "does_not_exist.jsonl",
+                known=JOBLINE, reason=JOBLINE_REASON),
+    prompt_file("empty-file", "<BAD>/prompts/empty.jsonl", "prompt set is empty", "empty.jsonl",
+                known=JOBLINE, reason=JOBLINE_REASON),
+    prompt_file("not-json", "<BAD>/prompts/not_json.jsonl", "not_json.jsonl", "line 3",
+                known=JOBLINE, reason=JOBLINE_REASON),
+    prompt_file("no-prompt-key", "<BAD>/prompts/no_prompt.jsonl", "no_prompt.jsonl", "line 2", "'prompt'",
+                known=JOBLINE, reason=JOBLINE_REASON),
+    prompt_file("duplicate-ids", "<BAD>/prompts/duplicate_ids.jsonl", "duplicate_ids.jsonl", "line 3",
+                "'p1'", known=JOBLINE, reason=JOBLINE_REASON),
+    prompt_file("not-utf8", "<BAD>/prompts/not_utf8.jsonl", "not_utf8.jsonl", known=CRASH,
+                reason="prompts.read_jsonl_prompts does not catch UnicodeDecodeError (traceback, exit 1)"),
+    # ---- probe suites
+    probes("missing-path", "<BAD>/probes/no_such_suite", "no_such_suite", known=JOBLINE, reason=JOBLINE_REASON),
+    probes("malformed-line", "<BAD>/probes/malformed_line", "malformed_line/honesty.jsonl", "line 2",
+           known=JOBLINE, reason=JOBLINE_REASON),
+    probes("unknown-format", "<BAD>/probes/unknown_format", "unknown_format/honesty.jsonl", "line 2",
+           "unknown item format", known=JOBLINE, reason=JOBLINE_REASON),
+    probes("aligned-answer-maybe", "<BAD>/probes/maybe_answer", "maybe_answer/honesty.jsonl", "line 2",
+           "aligned_answer", known=JOBLINE, reason=JOBLINE_REASON),
+    probes("suite-lists-missing-file", "<BAD>/probes/missing_file", "suite.yaml", "no_such_file.jsonl",
+           known=JOBLINE, reason=JOBLINE_REASON),
+    probes("empty-folder", "<WORK>/empty_suite", "empty_suite", "no suite.yaml and no .jsonl",
+           setup=_mkdir("empty_suite"), known=JOBLINE, reason=JOBLINE_REASON),
+    C("probes-unknown-dimension-default-suite", "probes.dimensions=[nonexistent]", "unknown dimension 'nonexistent'",
+      known=JOBLINE, reason=JOBLINE_REASON),
+    probes("not-utf8", "<BAD>/probes/not_utf8", "not_utf8/honesty.jsonl", known=CRASH,
+           reason="probes.suites._read_items does not catch UnicodeDecodeError (traceback, exit 1)"),
+    # ---- resuming a run folder that another config started
+    C("resume-other-config", RESUME_ARGS, "manifest.json", "different config", setup=_resume_literal,
+      known=JOBLINE, reason=JOBLINE_REASON),
+    C("resume-other-seed", RESUME_ARGS, "manifest.json", "differs in: seed)",
+      setup=_resume_seed,
+      known=JOBLINE | {"run-data"},
+      reason=JOBLINE_REASON + "; and Hydra rewrites the earlier run's .hydra/config.yaml and "
+                              ".hydra/overrides.yaml before the job refuses the folder"),
+]
+
+# Runs that are not contract cases: HYDRA_FULL_ERROR=1 shows the traceback but still fails.
+FULL_ERROR = [
+    C("full-error-composition", "foo=1", "foo", env=(("HYDRA_FULL_ERROR", "1"),)),
+    C("full-error-job", "generations=0", "generations=0", env=(("HYDRA_FULL_ERROR", "1"),)),
+]
+JOBS = {c.id: c for c in CORPUS + FULL_ERROR}
+assert len(JOBS) == len(CORPUS) + len(FULL_ERROR), "case ids must be unique"
+
+
+# --------------------------------------------------------------------------- running
+
+@dataclass
+class Result:
+    case: Case
+    work: Path
+    argv: list[str]
+    rc: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+    before: dict[str, bytes] = field(default_factory=dict)
+    after: dict[str, bytes] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (f"case {self.case.id}: {' '.join(self.argv[1:])}\n"
+                f"exit status {self.rc} after {self.seconds:.1f} s\n"
+                f"--- stderr ---\n{self.stderr[-4000:]}--- stdout (tail) ---\n{self.stdout[-1000:]}")
+
+
+def _fill(text: str, work: Path) -> str:
+    return text.replace("<BAD>", str(BAD)).replace("<MINI>", str(MINI)).replace("<WORK>", str(work))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _run(case: Case, work: Path) -> Result:
+    run_dir = work / "run"
+    argv = [str(SELFTRAIN), f"hydra.run.dir={run_dir}", *(_fill(a, work) for a in case.args)]
+    if case.tripwire:
+        argv.append(TRIPWIRE)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **dict(case.env))
+    before = _snapshot(run_dir)
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(argv, cwd=work, env=env, capture_output=True, timeout=TIMEOUT_S)
+        rc, out, err = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = None, e.stdout or b"", (e.stderr or b"") + f"\n[killed after {TIMEOUT_S} s]\n".encode()
+    return Result(case, work, argv, rc, out.decode(errors="replace"), err.decode(errors="replace"),
+                  time.perf_counter() - t0, before, _snapshot(run_dir))
+
+
+class Pool:
+    """Starts the selected cases' runs at once (cpu_count at a time); tests collect them in order."""
+
+    def __init__(self, cases: list[Case], base: Path):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+        self.futures: dict[str, concurrent.futures.Future] = {}
+        for case in cases:
+            work = base / case.id
+            work.mkdir()
+            if case.setup:  # in this thread: setups may compose with Hydra's global state
+                try:
+                    case.setup(work)
+                except Exception as e:  # fails this case's tests only
+                    self.futures[case.id] = concurrent.futures.Future()
+                    self.futures[case.id].set_exception(e)
+                    continue
+            self.futures[case.id] = self.executor.submit(_run, case, work)
+
+    def result(self, case_id: str) -> Result:
+        return self.futures[case_id].result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def pool(request, tmp_path_factory):
+    wanted: list[str] = []
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for key in ("case", "job"):
+            if isinstance(params.get(key), Case) and params[key].id not in wanted:
+                wanted.append(params[key].id)
+    p = Pool([JOBS[i] for i in wanted], tmp_path_factory.mktemp("bad-inputs"))
+    yield p
+    p.close()
+
+
+# --------------------------------------------------------------------------- checks
+
+_HYDRA_OWN = (".hydra/", "cli.log")  # what Hydra itself writes into a new run folder
+
+
+def breaches(res: Result) -> dict[str, str]:
+    """Every way this run breaks the user-error contract, by name."""
+    found = {}
+    if res.rc != 2:
+        found["exit-status"] = f"exit status {res.rc}, expected 2"
+    if "Traceback" in res.stderr:
+        found["traceback"] = "stderr holds a traceback"
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(PREFIX)]
+    if len(errors) != 1:
+        found["error-line"] = f"{len(errors)} stderr lines start with {PREFIX!r}, expected 1"
+    else:
+        missing = [c for c in (_fill(c, res.work) for c in res.case.culprit) if c not in errors[0]]
+        if missing:
+            found["culprit"] = f"the error line does not name {missing}"
+    others = [line for line in lines if not line.startswith(PREFIX)]
+    if others:
+        found["extra-lines"] = f"{len(others)} other non-empty stderr line(s), first: {others[0][:200]!r}"
+    changed = sorted(k for k in res.before if res.after.get(k) != res.before[k])
+    created = sorted(k for k in res.after if k not in res.before and not k.startswith(_HYDRA_OWN))
+    if changed or created:
+        found["run-data"] = f"run folder: changed {changed}, created {created}"
+    return found
+
+
+class KnownBreach(AssertionError):
+    """Raised when a case breaks the contract in exactly the documented ways (a strict xfail)."""
+
+
+def _params(cases: list[Case]):
+    out = []
+    for c in cases:
+        marks = [pytest.mark.xfail(raises=KnownBreach, strict=True, reason=c.reason)] if c.known else []
+        out.append(pytest.param(c, id=c.id, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("case", _params(CORPUS))
+def test_bad_input_is_one_line_exit_2(case: Case, pool: Pool):
+    res = pool.result(case.id)
+    found = breaches(res)
+    report = "\n".join(f"  {k}: {v}" for k, v in found.items())
+    if not found:
+        return
+    if set(found) == case.known:
+        raise KnownBreach(f"known breaches:\n{report}\n{res.describe()}")
+    raise AssertionError(f"breaches (documented: {sorted(case.known) or 'none'}):\n{report}\n{res.describe()}")
+
+
+@pytest.mark.parametrize("job", [JOBS["resume-other-config"], JOBS["resume-other-seed"]],
+                         ids=["other-config", "other-seed"])
+def test_refused_resume_leaves_manifests_byte_identical(job: Case, pool: Pool):
+    res = pool.result(job.id)
+    assert res.rc == 2, res.describe()
+    assert res.before.get("manifest.json"), "the setup wrote no manifest"
+    for name, data in res.before.items():
+        if not name.startswith(".hydra/"):
+            assert res.after.get(name) == data, f"{name} changed\n{res.describe()}"
+    assert not (res.work / "run" / "gen-001").exists(), res.describe()
+
+
+@pytest.mark.parametrize("job", FULL_ERROR, ids=lambda c: c.id)
+def test_full_error_still_fails(job: Case, pool: Pool):
+    """HYDRA_FULL_ERROR=1 trades the one line for Hydra's traceback; the run must still fail."""
+    res = pool.result(job.id)
+    assert res.rc not in (0, None), res.describe()
+    assert any(c in res.stderr for c in job.culprit), res.describe()
+    assert not (res.work / "run" / "manifest.json").exists(), res.describe()
+
+
+def test_corpus_is_large_enough():
+    assert len(CORPUS) >= 30
+    assert all(c.culprit for c in CORPUS)
