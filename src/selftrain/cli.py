@@ -68,16 +68,37 @@ def _run_and_report(func):
 hydra_utils.run_and_report = _run_and_report
 
 
+def _user_errors_exit(job):
+    """Inside a Hydra job, print a user error as one line and exit 2 (Hydra would add a line
+    'Error executing job with overrides' before it). Our bugs still raise with a traceback."""
+    import functools
+
+    @functools.wraps(job)
+    def wrapper(cfg):
+        try:
+            return job(cfg)
+        except UserError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            prog = Path(sys.argv[0]).name or "selftrain"
+            sys.stderr.write(f"{prog}: error: {e}\n")
+            sys.exit(2)
+    return wrapper
+
+
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
+@_user_errors_exit
 def _selftrain(cfg) -> None:
     from .loop import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     manifest = run(cfg, run_dir)
-    print(f"selftrain: run finished in {run_dir}\nselftrain: drift report: {manifest['final_report']}")
+    print(f"selftrain: run finished in {run_dir} ({manifest['status']})\n"
+          f"selftrain: drift report: {manifest['final_report']}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="drift")
+@_user_errors_exit
 def _drift(cfg) -> None:
     import datasets
 

@@ -91,6 +91,8 @@ class Constitution:
 
 
 def _read(file: Path) -> str:
+    if not file.is_file():
+        raise UserError(f"{file}: not a file")
     if file.stat().st_size > MAX_BYTES:
         raise UserError(f"{file}: larger than {MAX_BYTES} bytes")
     try:

@@ -28,7 +28,7 @@ from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_j
 from .report import generation_report
 from .sample import HFSampler, SamplingParams, sample_stage
 from .schema import monitor_settings, validate
-from .train import train_sft
+from .train import sft_config, train_sft
 
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "guard")
@@ -64,9 +64,13 @@ def _check_resume(manifest: Manifest, config: dict) -> None:
     if old is None or old == config:
         return
     flat_old, flat_new = _flatten(old), _flatten(config)
-    diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
+    # keys whose value changed first, then keys only one of the two configs has
+    diff = sorted((k not in flat_old or k not in flat_new, k) for k in set(flat_old) | set(flat_new)
+                  if flat_old.get(k) != flat_new.get(k))
+    diff = [k for _, k in diff]
+    shown = ", ".join(diff[:10]) + (f" and {len(diff) - 10} more" if len(diff) > 10 else "")
     raise UserError(f"{manifest.path}: this run folder was started with a different config "
-                    f"(differs in: {', '.join(diff[:8])}); use a new run folder")
+                    f"(differs in: {shown}); use a new run folder")
 
 
 def _flatten(d, prefix=""):
@@ -91,6 +95,7 @@ def run(cfg, run_dir: Path) -> dict:
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
+    sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
 
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)

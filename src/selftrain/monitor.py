@@ -145,7 +145,8 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
         metrics = collapse.collapse_metrics(samples, emb)
         metrics["mean_token_entropy"] = collapse.mean_token_entropy(
             model, tokenizer, list(zip([c[0]["content"] for c in convs], samples)), batch_size)
-        metrics["perplexity_heldout"] = collapse.perplexity(model, tokenizer, collapse.heldout_texts())
+        metrics["perplexity_heldout"] = collapse.perplexity(
+            model, tokenizer, collapse.heldout_texts()[:monitor_cfg.heldout_paragraphs], batch_size)
         write_json(mon / "collapse.json", metrics)
     return counts
 

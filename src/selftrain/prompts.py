@@ -27,28 +27,37 @@ class Prompt:
 
 def read_jsonl_prompts(path: str, source: str, field: str = "prompt") -> list[Prompt]:
     file = resolve(path, "prompt file")
+    if not file.is_file():
+        raise UserError(f"{file}: not a file")
     out, seen = [], set()
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{file}: line {lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise UserError(f"{file}: line {lineno}: expected a JSON object")
-            text = row.get(field)
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{file}: line {lineno}: key '{field}' must be a non-empty string")
-            if len(text) > MAX_PROMPT_CHARS:
-                raise UserError(f"{file}: line {lineno}: prompt longer than {MAX_PROMPT_CHARS} characters")
-            pid = str(row.get("id", f"{source}-{lineno:05d}"))
-            if pid in seen:
-                raise UserError(f"{file}: line {lineno}: duplicate id '{pid}'")
-            seen.add(pid)
-            out.append(Prompt(pid, text.strip(), source, str(row.get("category", ""))))
+    for lineno, line in enumerate(_lines(file), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{file}: line {lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise UserError(f"{file}: line {lineno}: expected a JSON object")
+        text = row.get(field)
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{file}: line {lineno}: key '{field}' must be a non-empty string")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise UserError(f"{file}: line {lineno}: prompt longer than {MAX_PROMPT_CHARS} characters")
+        pid = str(row.get("id", f"{source}-{lineno:05d}"))
+        if pid in seen:
+            raise UserError(f"{file}: line {lineno}: duplicate id '{pid}'")
+        seen.add(pid)
+        out.append(Prompt(pid, text.strip(), source, str(row.get("category", ""))))
     return out
+
+
+def _lines(file) -> list[str]:
+    try:
+        return file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = file.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{file}: line {line}: not UTF-8 text ({e.reason})") from e
 
 
 def read_hf_prompts(src) -> list[Prompt]:

@@ -59,9 +59,9 @@ def pooled_states(model, tokenizer, pairs: list[tuple[str, str]],
     """Residual stream of each (user prompt, reply): mean over the reply tokens, and at the last
     prompt token. Both [n, L+1, d] float32 (index 0 = embeddings, L = last layer's output).
     The same passes as the behavioural scoring (`completion_logprobs(states=True)`)."""
-    _, reply, prompt = completion_logprobs(model, tokenizer, _tokenise_pairs(tokenizer, pairs), batch_size,
-                                           desc="activations", states=True)
-    return reply, prompt
+    res = completion_logprobs(model, tokenizer, _tokenise_pairs(tokenizer, pairs), batch_size,
+                              desc="activations", states=True)
+    return res["pooled"], res["prompt"]
 
 
 def auroc(pos_scores, neg_scores) -> float:

@@ -38,13 +38,19 @@ def _prefix(tokenizer, prompt: str) -> list[int]:
 
 @torch.inference_mode()
 def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                        desc: str = "probe", states: bool = False):
-    """(summed log-prob, token count) of each completion after its prefix. Left-padded batches.
+                        desc: str = "probe", states: bool = False,
+                        first_token_options: dict[int, list[int]] | None = None) -> dict:
+    """Score completions after their prefixes in left-padded batches. Returns a dict:
 
-    With `states=True` the same forward passes also return the residual stream (every layer,
-    embeddings first) mean-pooled over each completion, and at the last prefix token: two
-    float32 arrays [n, L+1, d]. The activation probes use these, so they cost no extra pass.
+    - "sums": (summed log-prob, token count) of each completion;
+    - "options": for pair i in `first_token_options`, the log-probs of those token ids as the
+      first completion token (one pass scores every single-token answer option at once);
+    - with `states=True`, "pooled" and "prompt": the residual stream (every layer, embeddings
+      first) mean-pooled over each completion and at the last prefix token, float32
+      [n, L+1, d], from the same passes, so the activation probes cost no extra pass.
     """
+    first_token_options = first_token_options or {}
+    options: dict[int, list[float]] = {}
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     if states:
@@ -69,10 +75,15 @@ def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]
             pred = logp[r, keep - 1 - n: keep - 1]
             tgt = torch.tensor(comp, device=pred.device)
             out[i] = (float(pred.gather(1, tgt[:, None]).sum()), n)
+            if i in first_token_options:
+                options[i] = [float(pred[0, o]) for o in first_token_options[i]]
             if states:
                 pooled[i] = hs[r, :, width - n:].mean(dim=1).cpu().numpy()
                 last_prompt[i] = hs[r, :, width - n - 1].cpu().numpy()
-    return (out, pooled, last_prompt) if states else out
+    result = {"sums": out, "options": options}
+    if states:
+        result.update(pooled=pooled, prompt=last_prompt)
+    return result
 
 
 def score_suite(model, tokenizer, suite: Suite, batch_size: int = 16, states: bool = False):
@@ -82,20 +93,25 @@ def score_suite(model, tokenizer, suite: Suite, batch_size: int = 16, states: bo
     {"dimension": [...], "pos": misaligned-reply states, "neg": aligned-reply states,
     "prompt": last-prompt-token states}, each [n_contrast, L+1, d].
     """
-    pairs, spans = [], []
+    pairs, spans, single = [], [], {}
     for it in suite.items:
         pre = _prefix(tokenizer, it.prompt)
         answers = (it.aligned, it.misaligned) if it.kind == "contrast" else it.options
+        ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+        if it.kind != "contrast" and all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == len(ids):
+            # every option is one distinct token ("Yes"/"No" in SmolLM2's vocabulary): one pass reads all
+            single[len(pairs)] = [x[0] for x in ids]
+            spans.append((len(pairs), 1))
+            pairs.append((pre, ids[0]))
+            continue
         spans.append((len(pairs), len(answers)))
-        for a in answers:
-            pairs.append((pre, tokenizer(a, add_special_tokens=False)["input_ids"]))
-    if states:
-        lps, pooled, last_prompt = completion_logprobs(model, tokenizer, pairs, batch_size, "probe", states=True)
-    else:
-        lps = completion_logprobs(model, tokenizer, pairs, batch_size, desc="probe")
+        pairs += [(pre, x) for x in ids]
+    res = completion_logprobs(model, tokenizer, pairs, batch_size, "probe", states=states,
+                              first_token_options=single)
+    lps = res["sums"]
     rows = []
     for it, (s, n) in zip(suite.items, spans):
-        parts = lps[s:s + n]
+        parts = [(v, 1) for v in res["options"][s]] if s in single else lps[s:s + n]
         if it.kind == "contrast":
             (la, na), (lm, nm) = parts
             logit = la / na - lm / nm
@@ -114,7 +130,8 @@ def score_suite(model, tokenizer, suite: Suite, batch_size: int = 16, states: bo
     if not states:
         return rows
     contrast = [(it, s) for it, (s, _) in zip(suite.items, spans) if it.kind == "contrast"]
+    pooled = res["pooled"]
     acts = {"dimension": [it.dimension for it, _ in contrast],
             "neg": pooled[[s for _, s in contrast]], "pos": pooled[[s + 1 for _, s in contrast]],
-            "prompt": last_prompt[[s for _, s in contrast]]}
+            "prompt": res["prompt"][[s for _, s in contrast]]}
     return rows, acts

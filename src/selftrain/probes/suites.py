@@ -147,12 +147,13 @@ def _checked(suite: Suite) -> Suite:
 def _read_items(file: Path, dimension: str) -> list[Item]:
     if file.stat().st_size > MAX_FILE_BYTES:
         raise UserError(f"{file}: larger than {MAX_FILE_BYTES} bytes")
-    out = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                out.append(_parse(file, lineno, line, dimension))
-    return out
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = file.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{file}: line {line}: not UTF-8 text ({e.reason})") from e
+    return [_parse(file, lineno, line, dimension) for lineno, line in enumerate(text.splitlines(), 1)
+            if line.strip()]
 
 
 def _str(file, lineno, row, key) -> str:
