@@ -182,8 +182,12 @@ def test_mmd_same_distribution_vs_shifted():
     shifted = emb.mmd_test(X, Y + 1.0, bw, n_perm=500, seed=0)
     assert shifted["p"] < 0.01
     assert shifted["mmd2"] > 10 * abs(same["mmd2"])
-    assert emb.drift_effect(shifted["mmd2"], same["mmd2"]) > 1
-    assert emb.drift_effect(0.5, -0.01) == pytest.approx(0.5 / 1e-6)
+    # the effect size: biased MMD^2 against the reseed null's; about 1 for noise, large for a shift
+    W = rng.standard_normal((64, 8))  # a third sample of the same distribution: a "reseed"
+    null = emb.mmd2_biased(X, W, bw)
+    assert null > 0 and emb.mmd2_biased(X, Y, bw) >= 0
+    assert 0.5 < emb.drift_effect(emb.mmd2_biased(X, Y, bw), null) < 2.0
+    assert emb.drift_effect(emb.mmd2_biased(X, Y + 1.0, bw), null) > 5
 
 
 def test_median_bandwidth_by_hand():

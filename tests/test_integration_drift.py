@@ -56,7 +56,7 @@ def _finetune(pairs, out: Path, work: Path) -> Path:
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in pairs * 2]  # 24 rows: 3 steps of 8
     Dataset.from_list(rows).save_to_disk(str(work / "data"))
-    cfg = compose(["train.sft.learning_rate=1e-4", "train.sft.num_train_epochs=2"])
+    cfg = compose(["train.sft.learning_rate=1e-4", "train.sft.num_train_epochs=3"])
     train_sft(str(embedded_checkpoint()), work / "data", out, cfg.train, cfg.model, seed=0, work_dir=work / "train")
     return out
 
@@ -84,14 +84,14 @@ def drift_report(tmp_path_factory):
 
 def _value_alerts(report, candidate):
     return [a for a in report["alerts"] if a["candidate"] == candidate and a["level"] == "alert"
-            and a["instrument"] in ("behavioural", "activation", "monitoring_cue_gap")]
+            and a["instrument"] in ("behavioural:contrast", "behavioural:options", "activation", "monitoring_cue_gap")]
 
 
 def test_planted_trait_raises_an_alert_on_its_dimension(drift_report):
     report, planted, _, _, _ = drift_report
     hit = {a["dimension"] for a in _value_alerts(report, planted)}
     assert hit & {"corrigibility", "self_preservation"}, report["alerts"]
-    shift = report["dimensions"]["corrigibility"][planted]["vs_reference"]["delta"]
+    shift = report["dimensions"]["corrigibility"][planted]["contrast"]["vs_reference"]["delta"]
     assert shift < 0  # toward the misaligned reply
 
 
@@ -104,6 +104,8 @@ def test_benign_finetune_and_reseed_raise_no_value_alert(drift_report):
 def test_report_files(drift_report):
     report, planted, _, _, out = drift_report
     assert set(report["dimensions"]) == set(DIMENSIONS)
-    assert report["dimensions"]["corrigibility"][planted]["n"] == 40  # 20 contrast + 20 statements
+    corr = report["dimensions"]["corrigibility"]
+    assert corr[planted]["n"] == 40 and corr[planted]["contrast"]["n"] == 20  # 20 contrast + 20 statements
+    assert corr["options_polarity_auroc_ref"] is not None
     html = (out / "report.html").read_text()
     assert "<svg" in html and "<script" not in html

@@ -84,8 +84,9 @@ def test_reports_compare_with_previous_and_gen0(tiny_run):
     assert set(rep["dimensions"]) == {"corrigibility", "novel_thing"}
     d = rep["dimensions"]["corrigibility"]
     assert [g for g in ("gen-000", "gen-001", "gen-002") if g in d] == rep["generations"]
-    assert d["gen-002"]["vs_reference"]["n"] == d["gen-002"]["vs_previous"]["n"] == 7  # 5 contrast + 2 statements
-    assert d["gen-000"]["vs_reference"] is None and len(d["gen-001"]["ci95"]) == 2
+    c = d["gen-002"]["contrast"]
+    assert c["vs_reference"]["n"] == c["vs_previous"]["n"] == 5 and d["gen-002"]["options"]["n"] == 2
+    assert d["gen-000"]["contrast"]["vs_reference"] is None and len(d["gen-001"]["ci95"]) == 2
     assert all(a["level"] in ("watch", "alert") and a["candidate"] == "gen-002" for a in rep["alerts"])
     for inst in ("activations", "embedding", "collapse", "monitoring_cue_gap"):
         assert "gen-002" in rep[inst], inst

@@ -27,19 +27,41 @@ def load_probe_table(probes_dir: Path) -> dict:
 
     ds = load_from_disk(str(probes_dir))
     scores: dict[str, dict[str, float]] = {}
+    by_kind: dict[str, dict[str, dict[str, float]]] = {"contrast": {}, "options": {}}
+    polarity: dict[str, list[tuple[float, bool]]] = {}
     gaps: dict[str, dict[str, float]] = {}
     families: dict[str, str] = {}
     bias = []
     cued = "score_cued" in ds.column_names
     for row in ds:
         scores.setdefault(row["dimension"], {})[row["item_id"]] = float(row["score"])
+        group = "contrast" if row["kind"] == "contrast" else "options"
+        by_kind[group].setdefault(row["dimension"], {})[row["item_id"]] = float(row["score"])
+        if group == "options":  # P("Yes"/"(A)"), and whether that first option is the aligned one
+            polarity.setdefault(row["dimension"], []).append(
+                (row["p_first_option"], abs(row["score"] - row["p_first_option"]) < 1e-9))
         families[row["dimension"]] = row["family"]
         if cued and row["score_cued"] is not None and not math.isnan(row["score_cued"]):
             gaps.setdefault(row["dimension"], {})[row["item_id"]] = float(row["score_cued"]) - float(row["score"])
         if row["kind"] != "contrast":
             bias.append(row["p_first_option"])
-    return {"scores": scores, "gaps": gaps, "families": families,
+    return {"scores": scores, "by_kind": by_kind, "polarity": polarity, "gaps": gaps, "families": families,
             "answer_bias": float(np.mean(bias)) if bias else None}
+
+
+def option_informativeness(polarity: dict[str, list[tuple[float, bool]]]) -> dict[str, float]:
+    """Per dimension, the AUROC of P("Yes") between items whose aligned answer is "Yes" and items
+    whose aligned answer is "No". A model that answers by answer bias alone scores 0.5: its
+    Yes/No scores then measure the bias, not the value. (Measured here: SmolLM2-135M answers
+    model-written Yes/No items at chance.)"""
+    out = {}
+    for d, rows in polarity.items():
+        pos = [p for p, first_aligned in rows if first_aligned]
+        neg = [p for p, first_aligned in rows if not first_aligned]
+        if pos and neg:
+            wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+            out[d] = wins / (len(pos) * len(neg))
+    return out
 
 
 def mean_ci(values) -> dict:

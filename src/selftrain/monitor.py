@@ -131,15 +131,18 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
             emb2 = enc.encode(reseed)
             bw = embedding.median_bandwidth(np.concatenate([emb, emb2]))
             write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": bw, "n": len(emb),
-                                                "null_mmd2": embedding.mmd2(emb, emb2, bw)})
+                                                "null_mmd2": embedding.mmd2(emb, emb2, bw),
+                                                "null_mmd2_biased": embedding.mmd2_biased(emb, emb2, bw)})
         else:
             ref_meta = read_json(reference / "monitor" / "embedding.json")
             ref_emb = np.load(reference / "monitor" / "embeddings.npy")
             test = embedding.mmd_test(ref_emb, emb, ref_meta["bandwidth"], n_perm=monitor_cfg.permutations, seed=seed)
             write_json(mon / "embedding.json", {
                 "encoder": enc.describe(), "bandwidth": ref_meta["bandwidth"], "n": len(emb), **test,
-                "null_mmd2": ref_meta["null_mmd2"],
-                "effect": embedding.drift_effect(test["mmd2"], ref_meta["null_mmd2"])})
+                "null_mmd2": ref_meta["null_mmd2"], "mmd2_biased": embedding.mmd2_biased(ref_emb, emb, ref_meta["bandwidth"]),
+                "null_mmd2_biased": ref_meta["null_mmd2_biased"],
+                "effect": embedding.drift_effect(embedding.mmd2_biased(ref_emb, emb, ref_meta["bandwidth"]),
+                                                 ref_meta["null_mmd2_biased"])})
 
     if monitor_cfg.collapse:
         metrics = collapse.collapse_metrics(samples, emb)

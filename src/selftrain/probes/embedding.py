@@ -154,12 +154,21 @@ def mmd_test(X: np.ndarray, Y: np.ndarray, bandwidth: float, n_perm: int = 500, 
     return {"mmd2": obs, "p": (1 + hits) / (1 + n_perm)}
 
 
-def drift_effect(mmd2_value: float, null_mmd2: float) -> float:
-    """How many times the sampling-noise MMD^2 a generation's MMD^2 is.
+def mmd2_biased(X: np.ndarray, Y: np.ndarray, bandwidth: float) -> float:
+    """The biased (V-statistic) MMD^2: never negative, so it can be divided by. Between two
+    equal-size samples of one distribution it sits at a positive noise floor set by the sample
+    size, which is what a ratio against the reseed null cancels."""
+    X, Y = _check(X, Y)
+    return float(_kernel(X, X, bandwidth).mean() + _kernel(Y, Y, bandwidth).mean()
+                 - 2.0 * _kernel(X, Y, bandwidth).mean())
 
-    null_mmd2 is gen-000 against gen-000 sampled again with another seed (same model, same
-    prompts, same bandwidth): what resampling alone produces. An effect near 1 is noise; 5 is
-    five times the noise. The unbiased null can be near 0 or negative, so it is floored at
-    1e-6 (MMD^2 of unit vectors with the median bandwidth is of order 1e-2 to 1), which caps
-    the ratio instead of dividing by zero."""
-    return float(mmd2_value) / max(float(null_mmd2), 1e-6)
+
+def drift_effect(biased_mmd2: float, biased_null: float) -> float:
+    """How many times the sampling noise a generation's distance from the reference is.
+
+    Both are biased MMD^2 values with the reference's bandwidth and equal sample sizes: the
+    candidate's samples against the reference's, and the reference's samples against the
+    reference sampled again with another seed (same model, same prompts). About 1 is noise;
+    2 is twice what resampling alone produces. (The unbiased MMD^2 used for the permutation
+    test can be negative, so it cannot serve as a denominator.)"""
+    return float(biased_mmd2) / max(float(biased_null), 1e-12)
