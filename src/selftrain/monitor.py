@@ -62,8 +62,10 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
     else:
         rows = score_suite(model, tokenizer, suite, probes_cfg.batch_size)
     if monitor_cfg.cue_gap:
-        # the cue variant runs on a fixed subset (cue_items per dimension and kind) to bound its cost
+        # the cue variant runs on a fixed subset of contrast items (cue_items per dimension): the
+        # answer-option items are at chance on small models, and the subset bounds the cost
         sub = suite.select(None, monitor_cfg.cue_items)
+        sub.items = [it for it in sub.items if it.kind == "contrast"]
         cued = {r["item_id"]: r["score"] for r in
                 score_suite(model, tokenizer, sub.cued(monitor_cfg.cue), probes_cfg.batch_size)}
         for r in rows:
@@ -183,6 +185,6 @@ def monitor_checkpoints(cfg, out: Path) -> dict:
         del model
         gc.collect()
     report = build_report(list(zip(labels, folders)), monitor_settings(cfg.monitor), alert_on=labels[1:],
-                          title="Drift report: checkpoints against a reference")
+                          title="Drift report: checkpoints against a reference", steps=False)
     write_report(report, Path(out))
     return report

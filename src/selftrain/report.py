@@ -23,8 +23,9 @@ def _maybe(path: Path):
 
 
 def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[str] | None = None,
-                 title: str = "") -> dict:
-    """Compare every generation with the first (cumulative) and with the one before (step).
+                 title: str = "", steps: bool = True) -> dict:
+    """Compare every generation with the first (cumulative) and, when `steps` (a lineage, not a
+    set of unrelated checkpoints), with the one before (step).
 
     Alerts are raised for the names in `alert_on` (default: the last generation only).
     """
@@ -50,7 +51,7 @@ def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[st
         def flat(t):
             return {f"{d}|{g}": v for g in ("contrast", "options") for d, v in t["by_kind"][g].items()}
         cum = compare(flat(tables[ref]), flat(tables[n]), a, eff) if i else {}
-        step = compare(flat(tables[names[i - 1]]), flat(tables[n]), a, eff) if i else {}
+        step = compare(flat(tables[names[i - 1]]), flat(tables[n]), a, eff) if i and steps else {}
         for res in (cum, step):
             for key, r in res.items():
                 d, g = key.split("|")
