@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from . import UserError
 from .paths import resolve
-from .records import sha256_bytes
+from .records import read_user_jsonl, sha256_bytes
 
 MAX_PROMPT_CHARS = 8000
 
@@ -30,15 +30,7 @@ def read_jsonl_prompts(path: str, source: str, field: str = "prompt") -> list[Pr
     if not file.is_file():
         raise UserError(f"{file}: not a file")
     out, seen = [], set()
-    for lineno, line in enumerate(_lines(file), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{file}: line {lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise UserError(f"{file}: line {lineno}: expected a JSON object")
+    for lineno, row in read_user_jsonl(file):
         text = row.get(field)
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{file}: line {lineno}: key '{field}' must be a non-empty string")
@@ -50,14 +42,6 @@ def read_jsonl_prompts(path: str, source: str, field: str = "prompt") -> list[Pr
         seen.add(pid)
         out.append(Prompt(pid, text.strip(), source, str(row.get("category", ""))))
     return out
-
-
-def _lines(file) -> list[str]:
-    try:
-        return file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = file.read_bytes()[:e.start].count(b"\n") + 1
-        raise UserError(f"{file}: line {line}: not UTF-8 text ({e.reason})") from e
 
 
 def read_hf_prompts(src) -> list[Prompt]:

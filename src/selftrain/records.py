@@ -67,6 +67,28 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_user_jsonl(file: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a user's JSONL file. Undecodable text,
+    invalid JSON and non-objects raise a UserError naming the file and line."""
+    from . import UserError
+
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = Path(file).read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{file}: line {line}: not UTF-8 text ({e.reason})") from e
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{file}: line {lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise UserError(f"{file}: line {lineno}: expected a JSON object")
+        yield lineno, row
+
+
 def write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

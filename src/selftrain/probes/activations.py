@@ -23,11 +23,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from .. import UserError
-from .behavioural import _prefix, completion_logprobs, left_padded as _left_padded
+from .behavioural import _prefix, completion_logprobs
 
 # The random baseline in `measure`: 32 directions put the sd of the baseline within about
 # 1/sqrt(2*31) ~ 13 % of its true value, which is enough for a z-score used as a flag.

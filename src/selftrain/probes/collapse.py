@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .activations import _batches, _left_padded, _tokenise_pairs
+from .activations import _batches, _tokenise_pairs
+from .behavioural import left_padded as _left_padded
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
 

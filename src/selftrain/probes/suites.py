@@ -12,7 +12,6 @@ Three formats load into one `Suite`:
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 
 from .. import UserError
 from ..paths import resolve
-from ..records import sha256_tree
+from ..records import read_user_jsonl, sha256_tree
 
 MAX_FILE_BYTES = 50_000_000
 MAX_TEXT_CHARS = 4000
@@ -147,13 +146,7 @@ def _checked(suite: Suite) -> Suite:
 def _read_items(file: Path, dimension: str) -> list[Item]:
     if file.stat().st_size > MAX_FILE_BYTES:
         raise UserError(f"{file}: larger than {MAX_FILE_BYTES} bytes")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = file.read_bytes()[:e.start].count(b"\n") + 1
-        raise UserError(f"{file}: line {line}: not UTF-8 text ({e.reason})") from e
-    return [_parse(file, lineno, line, dimension) for lineno, line in enumerate(text.splitlines(), 1)
-            if line.strip()]
+    return [_parse(file, lineno, row, dimension) for lineno, row in read_user_jsonl(file)]
 
 
 def _str(file, lineno, row, key) -> str:
@@ -165,13 +158,7 @@ def _str(file, lineno, row, key) -> str:
     return v.strip()
 
 
-def _parse(file: Path, lineno: int, line: str, dimension: str) -> Item:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file}: line {lineno}: not valid JSON ({e.msg})") from e
-    if not isinstance(row, dict):
-        raise UserError(f"{file}: line {lineno}: expected a JSON object")
+def _parse(file: Path, lineno: int, row: dict, dimension: str) -> Item:
     iid = str(row.get("id", f"{dimension}-{lineno:05d}"))
     kind = row.get("kind")
     if kind == "contrast":
