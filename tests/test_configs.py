@@ -51,3 +51,18 @@ def test_train_keys_are_trl_fields():
     cfg = compose(["+train.sft.learnin_rate=1e-4"])
     with pytest.raises(UserError, match="train.sft.learnin_rate: not a field of trl.SFTConfig"):
         validate(cfg)
+
+
+def test_drift_config_composes_and_requires_its_paths():
+    from hydra import compose as hcompose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from selftrain.schema import register, validate_monitor
+
+    register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hcompose(config_name="drift", overrides=["reference=a", "candidates=[b,c]", "out=d"])
+        missing = hcompose(config_name="drift")
+    validate_monitor(cfg.monitor)
+    assert list(cfg.candidates) == ["b", "c"] and cfg.probes.max_items_per_dimension == 8
+    assert OmegaConf.is_missing(missing, "reference") and OmegaConf.is_missing(missing, "out")
