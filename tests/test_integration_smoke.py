@@ -70,7 +70,11 @@ def test_probes_and_reports(smoke_run):
         assert len(set(probes["dimension"])) >= 10
     for k in (1, 2):
         rep = json.loads((run_dir / f"gen-{k:03d}" / "drift" / "report.json").read_text())
-        dims = next(iter(rep["dimensions"].values()))
-        assert len(dims["trajectory"]) == k + 1
-        assert dims[f"gen-{k:03d}"]["vs_gen0"]["n"] > 0
-        assert (run_dir / f"gen-{k:03d}" / "drift" / "report.md").read_text().startswith("# Drift report")
+        assert rep["generations"] == [f"gen-{j:03d}" for j in range(k + 1)]
+        for dim in rep["dimensions"].values():
+            assert all(f"gen-{j:03d}" in dim for j in range(k + 1))
+            assert dim[f"gen-{k:03d}"]["contrast"]["vs_reference"]["n"] > 0
+        assert all(a["candidate"] == f"gen-{k:03d}" for a in rep["alerts"])
+        for name in ("report.md", "report.html"):
+            assert (run_dir / f"gen-{k:03d}" / "drift" / name).is_file()
+    assert (run_dir / "index.html").is_file()
