@@ -241,6 +241,5 @@ def check_trl_fields(prefix: str, fields: Dict[str, Any], config_class: str) -> 
     for key in fields:
         if key not in known:
             raise UserError(f"{prefix}.{key}: not a field of trl.{config_class}")
-    managed = {"output_dir"}
-    for key in managed & set(fields):
-        raise UserError(f"{prefix}.{key}: set by selftrain (the run folder decides it)")
+    if "output_dir" in fields:
+        raise UserError(f"{prefix}.output_dir: set by selftrain (the run folder decides it)")
