@@ -122,3 +122,28 @@ def main() -> None:
 def drift_main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     _drift()
+
+
+def lineage_main(argv: list[str] | None = None) -> int:
+    """`selftrain-lineage RUN`: print the chain of generations and verify every recorded hash."""
+    import argparse
+    import json
+
+    from .lineage import trace
+
+    parser = argparse.ArgumentParser(prog="selftrain-lineage", description=lineage_main.__doc__)
+    parser.add_argument("run", help="a run folder (holds manifest.json and gen-*/)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        lin = trace(Path(args.run))
+    except UserError as e:
+        sys.stderr.write(f"selftrain-lineage: error: {e}\n")
+        return 2
+    if args.json:
+        print(json.dumps(lin.to_dict(), indent=2))
+    else:
+        print("\n".join(lin.lines))
+        for line in lin.mismatches:
+            print(line)
+    return 1 if lin.mismatches else 0
