@@ -72,3 +72,17 @@ TINY_OVERRIDES = [
 @pytest.fixture
 def tiny_cfg(tiny_model):
     return compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_run_1gen(tiny_model, tmp_path_factory) -> Path:
+    """One trained generation of the tiny model (gen-000, gen-001), shared read-only: copy before changing."""
+    from selftrain.loop import run
+
+    suite = str(Path(__file__).parent / "data" / "mini_suite")
+    cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={suite}",
+                                    "probes.max_items_per_dimension=null", "generations=1",
+                                    "data.max_top_trigram_share=1.0", "monitor.embedding=false"])
+    run_dir = tmp_path_factory.mktemp("run1gen") / "run"
+    run(cfg, run_dir)
+    return run_dir

@@ -114,6 +114,12 @@ def _resume_seed(work: Path) -> None:
     (run / ".hydra" / "overrides.yaml").write_text("- seed=99\n")
 
 
+def _pickle_only_model(work: Path) -> None:
+    (work / "pickled").mkdir()
+    (work / "pickled" / "config.json").write_text('{"model_type": "llama"}\n')
+    (work / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded: refused before unpickling")
+
+
 def C(id, args, *culprit, known=frozenset(), reason="", setup=None, env=()):
     return Case(id, tuple([args] if isinstance(args, str) else args), tuple(culprit), frozenset(known),
                 reason, setup, tuple(env))
@@ -164,6 +170,9 @@ CORPUS = [
       "model_no_config", "config.json", setup=_model_folder_without_config),
     C("model-embedded-unknown", ("probes.suite='<MINI>'", "model.name_or_path='embedded:unknown'"),
       "embedded:unknown"),
+    C("model-pickle-only", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/pickled'"),
+      "pickled", "pytorch_model.bin", "allow_pickle", setup=_pickle_only_model),
+    C("cfg-run-name-escapes-runs", "run_name=../../elsewhere", "run_name=../../elsewhere"),
     # ---- constitution files
     constitution("missing-file", "<BAD>/constitution/does_not_exist.yaml", "does_not_exist.yaml"),
     constitution("yaml-syntax", "<BAD>/constitution/yaml_syntax.yaml", "yaml_syntax.yaml", "line 4"),
@@ -193,6 +202,10 @@ CORPUS = [
     prompt_file("duplicate-ids", "<BAD>/prompts/duplicate_ids.jsonl", "duplicate_ids.jsonl", "line 3",
                 "'p1'"),
     prompt_file("not-utf8", "<BAD>/prompts/not_utf8.jsonl", "not_utf8.jsonl"),
+    # needs a tokenizer to know the special tokens: the embedded model's (only its tokenizer loads)
+    C("prompts-chat-control-token", ("prompts.sources=[{name:x,path:'<BAD>/prompts/control_token.jsonl'}]",
+                                     "model.name_or_path=embedded:smollm2-135m-instruct"),
+      "prompt 'forged'", "special token"),
     # ---- probe suites
     probes("missing-path", "<BAD>/probes/no_such_suite", "no_such_suite"),
     probes("malformed-line", "<BAD>/probes/malformed_line", "malformed_line/honesty.jsonl", "line 2"),

@@ -6,21 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES, compose
-from selftrain.loop import run
-
-SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 EXE = str(Path(sys.executable).parent / "selftrain-lineage")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model, tmp_path_factory):
-    cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={SUITE}",
-                                    "probes.max_items_per_dimension=null", "generations=1",
-                                    "data.max_top_trigram_share=1.0", "monitor.embedding=false"])
-    run_dir = tmp_path_factory.mktemp("lineage") / "run"
-    run(cfg, run_dir)
-    return run_dir
+def tiny_run(tiny_run_1gen):
+    return tiny_run_1gen
 
 
 def _lineage(run_dir, *extra):

@@ -45,7 +45,8 @@ class Generation:
     def model(self):
         if self._model is None:
             self._tok = models.load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
-            self._model = models.load_model(self.model_path, self.cfg.model.dtype, self.cfg.model.trust_remote_code)
+            self._model = models.load_model(self.model_path, self.cfg.model.dtype, self.cfg.model.trust_remote_code,
+                                            self.cfg.model.allow_pickle)
         return self._model, self._tok
 
     def release(self) -> None:
@@ -95,6 +96,15 @@ def run(cfg, run_dir: Path) -> dict:
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
+    models.check_weights_format(base, cfg.model.allow_pickle)
+    models.check_no_control_tokens(
+        models.load_tokenizer(base, cfg.model.trust_remote_code),
+        [(f"prompt '{p.id}' ({p.source})", p.text) for p in prompts]
+        + [(f"{constitution.path}: principle '{c.id}'", c.critique + c.revision) for c in constitution.principles]
+        + [(f"{constitution.path}: few-shot transcript {i}", " ".join(m["content"] for m in ex.messages()))
+           for i, ex in enumerate(constitution.exemplars)]
+        + [(f"probe item '{it.id}'", it.prompt + it.aligned + it.misaligned + "".join(it.options))
+           for it in suite.items])
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
 
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -91,14 +91,47 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_format(path: str, allow_pickle: bool = False) -> None:
+    """Refuse a local checkpoint whose weights exist only as pickle files (which can run code
+    when loaded) unless the user opted in with model.allow_pickle=true."""
+    p = Path(path)
+    if allow_pickle or not p.is_dir():
+        return
+    if any(p.glob("*.safetensors")):
+        return
+    pickles = sorted(q.name for q in p.iterdir() if q.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{path}: weights only as pickle ({pickles[0]}); selftrain loads safetensors only. "
+                        "Convert the checkpoint, or set model.allow_pickle=true if you trust its source")
+    raise UserError(f"{path}: no *.safetensors weights in this checkpoint folder")
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False):
     from transformers import AutoModelForCausalLM
 
+    check_weights_format(path, allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=True)
+            use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from e
     model.eval()
     return model
+
+
+def check_no_control_tokens(tokenizer, texts) -> None:
+    """Refuse data text that spells the tokenizer's special tokens (e.g. `<|im_start|>system`).
+
+    The chat template comes from the tokenizer; a prompt, constitution or probe that contains
+    those markers would be tokenized as real turn boundaries and could forge a turn. `texts` is
+    an iterable of (where, text); the first hit is named."""
+    specials = [t for t in tokenizer.all_special_tokens if len(t) > 1]
+    for where, text in texts:
+        for tok in specials:
+            if tok in text:
+                raise UserError(f"{where}: contains the model's special token {tok!r}; "
+                                "data must not carry chat-control markers")

