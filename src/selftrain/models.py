@@ -102,3 +102,15 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
         raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from e
     model.eval()
     return model
+
+
+def require_safetensors(path: str) -> None:
+    """A local checkpoint must hold safetensors weights: pickle files (*.bin, *.pt) can run code
+    when loaded. Checked before a run writes anything, so a refused checkpoint changes nothing."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.safetensors")):
+        return  # a hub id: from_pretrained(use_safetensors=True) refuses pickles itself
+    pickles = sorted(q.name for q in p.iterdir() if q.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    raise UserError(f"model path {path} holds no .safetensors weights"
+                    + (f" (only {', '.join(pickles)}: pickle files, which can run code when loaded, are refused)"
+                       if pickles else ""))
