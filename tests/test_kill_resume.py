@@ -1,12 +1,15 @@
 """Must hold: a run killed with SIGKILL in the middle of critique and in the middle of training,
 then re-run with the same command, ends with the datasets and checkpoint of an uninterrupted run.
 
+Before that, a SIGTERM during sampling checks the graceful path: exit status 143 and the line
+that says how to resume, whose command the rest of the test then uses.
 Drives the real `selftrain` console script on the tiny random model (greedy decoding). "The
 middle of critique" is detected by polling for the stage's first committed chunk, "the middle
 of training" by the train stage being recorded running and the trainer having logged a loss.
 """
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,14 +41,14 @@ def _start(argv, log: Path):
     return subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=log.parent)
 
 
-def _kill_when(proc, log: Path, ready) -> None:
+def _kill_when(proc, log: Path, ready, sig=signal.SIGKILL) -> None:
     t0 = time.monotonic()
     while not ready():
         assert proc.poll() is None, f"the run ended (status {proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
         assert time.monotonic() - t0 < WAIT_S, f"no kill point after {WAIT_S} s:\n{log.read_text()[-3000:]}"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=WAIT_S)
 
 
 def _stage(run: Path, k: int, name: str) -> str | None:
@@ -69,6 +72,22 @@ def test_sigkill_in_critique_and_in_training_then_resume(tiny_model, tmp_path):
     run = tmp_path / "killed"
     argv = [str(SELFTRAIN), *args, f"hydra.run.dir={run}"]
     g0 = run / "gen-000"
+
+    # 0. SIGTERM once sampling has committed its first chunk: the chunk in flight is finished, the
+    #    stage and the run are marked interrupted, and the exit status is 143 with one line that
+    #    gives the command which resumes
+    proc = _start(argv, tmp_path / "0.log")
+    _kill_when(proc, tmp_path / "0.log", lambda: (g0 / ".chunks" / "sample" / "00000.jsonl").exists(),
+               signal.SIGTERM)
+    out = (tmp_path / "0.log").read_text()
+    assert proc.returncode == 143, out[-3000:]
+    lines = [line for line in out.splitlines() if "to resume, run: " in line]
+    assert len(lines) == 1 and lines[0].startswith("selftrain: interrupted (SIGTERM"), out[-3000:]
+    assert _stage(run, 0, "sample") == "interrupted" and read_json(run / "manifest.json")["status"] == "interrupted"
+    assert 1 <= len(list((g0 / ".chunks" / "sample").glob("0*.jsonl"))) < 4
+    resume = shlex.split(lines[0].split("to resume, run: ", 1)[1])
+    assert resume[1:] == argv[1:-1] + [f"hydra.run.dir={run.resolve()}"]
+    argv = [str(SELFTRAIN), *resume[1:]]  # from now on: the command that line gave
 
     # 1. SIGKILL once the critique stage has committed its first chunk
     proc = _start(argv, tmp_path / "a.log")
