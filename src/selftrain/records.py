@@ -9,6 +9,9 @@ Layout of a run folder (Hydra's output dir):
     gen-000/data/{sft,preference}  training datasets
     gen-000/drift/report.{json,md} drift report vs gen k-1 and gen 0
     gen-001/model/                 safetensors of the model trained on gen-000's data
+    gen-000/.chunks/{sample,critique}/NNNNN.jsonl   committed chunks of an unfinished stage
+    replaced-<time>/               outputs moved aside by force_stage or resume=false
+A finished stage's manifest entry holds "outputs": {path relative to the run folder: sha256_tree}.
 Reports and comparisons read these files, never live objects.
 """
 from __future__ import annotations
