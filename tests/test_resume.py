@@ -302,3 +302,25 @@ def test_train_refuses_to_save_a_checkpoint_that_does_not_fit(monkeypatch, tiny_
         train_sft(str(tiny_model), tmp_path / "sft", tmp_path / "out" / "model", cfg.train, cfg.model, seed=0,
                   work_dir=tmp_path / "work")
     assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / ".model.tmp").exists()
+
+
+def test_interrupt_during_training_saves_no_checkpoint(tiny_model, tmp_path):
+    """A signal during training stops after the current step; nothing is saved, so a resume
+    trains again from the parent model."""
+    from datasets import Dataset
+
+    from selftrain.train import train_sft
+
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(4)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "sft"))
+    cfg = fast_cfg(tiny_model, "train.sft.per_device_train_batch_size=1")
+    with graceful_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        with pytest.raises(Interrupted) as e:
+            train_sft(str(tiny_model), tmp_path / "sft", tmp_path / "out" / "model", cfg.train, cfg.model, seed=0,
+                      work_dir=tmp_path / "work")
+    assert e.value.exit_status == 130
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / ".model.tmp").exists()
+    assert not (tmp_path / "work" / "train_log.json").exists()
