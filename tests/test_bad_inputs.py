@@ -114,10 +114,66 @@ def _resume_seed(work: Path) -> None:
     (run / ".hydra" / "overrides.yaml").write_text("- seed=99\n")
 
 
-def _pickle_only_model(work: Path) -> None:
-    (work / "pickled").mkdir()
-    (work / "pickled" / "config.json").write_text('{"model_type": "llama"}\n')
-    (work / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded: refused before unpickling")
+def _resume_folder(work: Path, gen0: dict | None = None, extra: tuple[str, ...] = (), files: dict | None = None):
+    """A run folder started by exactly this command's config (plus `extra` overrides), with an
+    optional gen-000 manifest `gen0` and files {path under run/: text}."""
+    _fake_model(work)
+    config = _compose([_fill(a, work) for a in RESUME_ARGS] + list(extra))
+    run = work / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps(
+        {"schema_version": 1, "created": "2025-01-01T00:00:00+00:00", "config": config, "status": "failed",
+         "stages": {}}, indent=2) + "\n")
+    if gen0 is not None:
+        (run / "gen-000").mkdir()
+        (run / "gen-000" / "manifest.json").write_text(json.dumps({"generation": 0, **gen0}, indent=2) + "\n")
+    for rel, text in (files or {}).items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(text)
+
+
+_MONITOR_DONE = {"stages": {"probe": {"status": "done", "outputs": {}}, "report": {"status": "done", "outputs": {}}}}
+
+
+def _raw_manifest(text: str) -> Callable[[Path], None]:
+    def setup(work: Path) -> None:
+        _fake_model(work)
+        (work / "run").mkdir()
+        (work / "run" / "manifest.json").write_text(text)
+    return setup
+
+
+def _chunk(text: str, name: str = "00000.jsonl") -> Callable[[Path], None]:
+    return lambda work: _resume_folder(work, _MONITOR_DONE, files={f"gen-000/.chunks/sample/{name}": text})
+
+
+def _recorded_output(change: str) -> Callable[[Path], None]:
+    """gen-000/sample recorded done with the hash of samples.jsonl; then the file is altered or removed."""
+    def setup(work: Path) -> None:
+        from selftrain.records import sha256_bytes
+
+        text = '{"prompt_id": "x", "response": "hi"}\n'
+        stages = {**_MONITOR_DONE["stages"], "sample": {"status": "done", "outputs": {
+            "gen-000/samples.jsonl": sha256_bytes(text.encode())}}}
+        _resume_folder(work, {"stages": stages}, files={"gen-000/samples.jsonl": text})
+        target = work / "run" / "gen-000" / "samples.jsonl"
+        if change == "tamper":
+            target.write_text(text.replace("hi", "HI"))
+        else:
+            target.unlink()
+    return setup
+
+
+def _pickle_checkpoint(work: Path) -> None:
+    """A real checkpoint whose weights are only a pickle file (pytorch_model.bin)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import make_tiny_model
+
+    folder = make_tiny_model(work / "pickle_model")
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
 
 
 def C(id, args, *culprit, known=frozenset(), reason="", setup=None, env=()):
@@ -170,8 +226,6 @@ CORPUS = [
       "model_no_config", "config.json", setup=_model_folder_without_config),
     C("model-embedded-unknown", ("probes.suite='<MINI>'", "model.name_or_path='embedded:unknown'"),
       "embedded:unknown"),
-    C("model-pickle-only", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/pickled'"),
-      "pickled", "pytorch_model.bin", "allow_pickle", setup=_pickle_only_model),
     C("cfg-run-name-escapes-runs", "run_name=../../elsewhere", "run_name=../../elsewhere"),
     # ---- constitution files
     constitution("missing-file", "<BAD>/constitution/does_not_exist.yaml", "does_not_exist.yaml"),
@@ -222,6 +276,36 @@ CORPUS = [
     C("resume-other-config", RESUME_ARGS, "manifest.json", "different config", "seed", setup=_resume_literal),
     C("resume-other-seed", RESUME_ARGS, "manifest.json", "differs in: seed)",
       setup=_resume_seed),
+    # ---- run folders: resuming, forcing, damaged manifests and chunks, altered outputs
+    C("resume-other-chunk-size", RESUME_ARGS, "manifest.json", "differs in: sampler.chunk_size)",
+      setup=lambda work: _resume_folder(work, extra=("sampler.chunk_size=5",))),
+    C("force-stage-unknown", "force_stage=bogus", "force_stage=bogus", "must be one of"),
+    C("force-stage-beyond-generations", "force_stage=gen-005/train", "force_stage=gen-005/train",
+      "has no train stage"),
+    C("force-stage-malformed", "force_stage=gen-1/train", "force_stage=gen-1/train"),
+    C("cfg-chunk-size-zero", "sampler.chunk_size=0", "sampler.chunk_size=0"),
+    C("run-manifest-not-json", RESUME_ARGS, "run/manifest.json", "not a valid manifest",
+      setup=_raw_manifest('{"config": {"seed": 0},\n')),
+    C("run-manifest-not-object", RESUME_ARGS, "run/manifest.json", "expected a JSON object",
+      setup=_raw_manifest("[1, 2, 3]\n")),
+    C("run-manifest-newer-schema", RESUME_ARGS, "run/manifest.json", "schema_version=99",
+      setup=_raw_manifest('{"schema_version": 99, "stages": {}}\n')),
+    C("gen-manifest-not-json", RESUME_ARGS, "gen-000/manifest.json", "not a valid manifest",
+      setup=lambda work: _resume_folder(work, files={"gen-000/manifest.json": "{{{"})),
+    C("chunk-not-json", RESUME_ARGS, ".chunks/sample/00000.jsonl", "damaged",
+      setup=_chunk('{"prompt_id": "helpful-000", "respo\n')),
+    C("chunk-other-prompts", RESUME_ARGS, ".chunks/sample/00000.jsonl", "prompt ids",
+      setup=_chunk('{"prompt_id": "not-one-of-ours", "response": "x"}\n')),
+    C("chunk-beyond-last", RESUME_ARGS, ".chunks/sample/00099.jsonl", "beyond",
+      setup=_chunk('{"prompt_id": "x"}\n', "00099.jsonl")),
+    C("output-changed", RESUME_ARGS, "gen-000/samples.jsonl", "changed since gen-000/sample",
+      "force_stage=gen-000/sample", setup=_recorded_output("tamper")),
+    C("output-missing", RESUME_ARGS, "gen-000/samples.jsonl", "missing", setup=_recorded_output("remove")),
+    # ---- checkpoints
+    C("checkpoint-pickle-only", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/pickle_model'"),
+      "pickle_model", "pytorch_model.bin", "allow_pickle", setup=_pickle_checkpoint),
+    C("checkpoint-empty-folder", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/empty_model'"),
+      "empty_model", "config.json", setup=_mkdir("empty_model")),
 ]
 
 # Runs that are not contract cases: HYDRA_FULL_ERROR=1 shows the traceback but still fails.
@@ -397,5 +481,5 @@ def test_full_error_still_fails(job: Case, pool: Pool):
 
 
 def test_corpus_is_large_enough():
-    assert len(CORPUS) >= 30
+    assert len(CORPUS) >= 45
     assert all(c.culprit for c in CORPUS)

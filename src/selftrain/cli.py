@@ -2,6 +2,8 @@
 
 `selftrain` runs the loop (selftrain.loop.run). Errors the user caused print as one line,
 `<prog>: error: ...`, and exit with status 2; HYDRA_FULL_ERROR=1 shows the traceback.
+SIGINT/SIGTERM exit 130/143 with the command that resumes. In a multirun (-m) a failing job
+is reported and the sweep goes on; FailedJobs lists the failures at the end and exits 1.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import hydra
 import hydra._internal.utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 from . import UserError
@@ -70,20 +74,66 @@ hydra_utils.run_and_report = _run_and_report
 
 def _user_errors_exit(job):
     """Inside a Hydra job, print a user error as one line and exit 2 (Hydra would add a line
-    'Error executing job with overrides' before it). Our bugs still raise with a traceback."""
+    'Error executing job with overrides' before it). Our bugs still raise with a traceback.
+    In a multirun, a failing job is reported and returns a failure, so the sweep goes on.
+    An interrupt prints how to resume and exits 128 + the signal number."""
     import functools
 
     @functools.wraps(job)
     def wrapper(cfg):
+        prog = Path(sys.argv[0]).name or "selftrain"
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
         try:
             return job(cfg)
-        except UserError as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        except KeyboardInterrupt as e:
+            from .resume import resume_command
+
+            key, folder = ("hydra.sweep.dir", hc.sweep.dir) if multirun else ("hydra.run.dir", hc.runtime.output_dir)
+            where = getattr(e, "where", None)
+            sys.stderr.write(f"{prog}: interrupted ({e or 'KeyboardInterrupt'}"
+                             f"{f' at {where}' if where else ''}); finished stages and committed chunks "
+                             f"are kept; to resume, run: {resume_command(key, Path(folder).resolve(), sys.argv)}\n")
+            sys.exit(getattr(e, "exit_status", 130))
+        except Exception as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (multirun or isinstance(e, UserError)):
                 raise
-            prog = Path(sys.argv[0]).name or "selftrain"
-            sys.stderr.write(f"{prog}: error: {e}\n")
-            sys.exit(2)
+            if isinstance(e, UserError):
+                line = str(e)
+            else:
+                import traceback
+
+                traceback.print_exc()
+                line = f"{type(e).__name__}: {e}"
+            if not multirun:
+                sys.stderr.write(f"{prog}: error: {line}\n")
+                sys.exit(2)
+            job_id = f"job {hc.job.num} ({hc.job.override_dirname or 'no overrides'})"
+            sys.stderr.write(f"{prog}: error: {job_id}: {line}\n")
+            return {"failed": line, "job": job_id, "dir": hc.runtime.output_dir}
     return wrapper
+
+
+class FailedJobs(Callback):
+    """Registered in conf/config.yaml's hydra.callbacks: after a multirun, list the jobs that
+    failed (each still wrote its own run folder and manifest) and exit 1 if any did."""
+
+    def __init__(self) -> None:
+        self.failed: list[dict] = []
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        value = getattr(job_return, "_return_value", None)
+        if isinstance(value, dict) and "failed" in value:
+            self.failed.append(value)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if not self.failed:
+            return
+        prog = Path(sys.argv[0]).name or "selftrain"
+        lines = [f"{prog}: {len(self.failed)} job(s) of the multirun failed; the others ran:"]
+        lines += [f"{prog}:   {f['job']} in {f['dir']}: {f['failed']}" for f in self.failed]
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")

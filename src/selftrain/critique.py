@@ -4,14 +4,18 @@ Each round draws one principle (rules) or one section (values document) with an 
 by (seed, prompt id, round), so a draw never depends on batch order, and records which. The
 model sees the few-shot transcripts, then the prompt and its current answer, then the
 critique request; then its critique and the revision request. A round revises the previous
-round's revision, as in Constitutional AI.
+round's revision, as in Constitutional AI. The critique stage commits its records in fixed
+chunks of prompts, all rounds of a chunk together (selftrain.resume), so a kill loses at most
+one chunk and a resumed stage writes the same records as an uninterrupted one.
 """
 from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 from .constitution import Constitution
+from .resume import chunk_params, run_chunks
 from .sample import Sampler, SamplingParams
 
 # Small models often echo a label before the text ("Revision: ..."); strip it.
@@ -48,3 +52,15 @@ def critique_revise(sampler: Sampler, constitution: Constitution, samples: list[
                                   "critique": crit, "revision_request": p.revision, "revision": rev})
             rec["final"] = rev
     return records
+
+
+def critique_stage(sampler: Sampler, constitution: Constitution, samples: list[dict], rounds: int,
+                   fewshot: int, critique_params: SamplingParams, revision_params: SamplingParams,
+                   seed: int, chunk_dir: Path, chunk_size: int, counts: dict) -> list[dict]:
+    """critique_revise over fixed chunks of `samples`, each committed in `chunk_dir` as it
+    finishes; chunk i's sampling seeds come from the stage seeds and i alone."""
+    def work(i: int, part) -> list[dict]:
+        return critique_revise(sampler, constitution, list(part), rounds, fewshot,
+                               chunk_params(critique_params, i), chunk_params(revision_params, i), seed)
+
+    return run_chunks(chunk_dir, samples, [s["prompt_id"] for s in samples], chunk_size, work, counts)

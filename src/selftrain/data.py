@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from .records import atomic_dir
+from .records import atomic_dir, check_disk
 
 
 def _norm(text: str) -> str:
@@ -53,6 +53,11 @@ def build_datasets(records: list[dict], out_dir: Path, min_words: int,
         pref.append({"prompt_id": rec["prompt_id"], "prompt": [user],
                      "chosen": [{"role": "assistant", "content": rec["final"]}],
                      "rejected": [{"role": "assistant", "content": rec["response"]}]})
+    # Arrow stores the text about as JSON does; the two datasets hold each prompt and revision
+    # twice and each initial response once. 1.5x that (plus 1 MB of metadata) is the estimate.
+    text = sum(2 * len(r["prompt"].encode()) + 2 * len(r["final"].encode()) + len(r["response"].encode())
+               for r in records)
+    check_disk(out_dir, int(1.5 * text) + (1 << 20), f"the datasets in {out_dir}")
     for name, rows in (("sft", sft), ("preference", pref)):
         with atomic_dir(Path(out_dir) / name) as tmp:
             Dataset.from_list(rows).save_to_disk(str(tmp)) if rows else (tmp / "EMPTY").write_text("")

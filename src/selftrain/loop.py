@@ -2,7 +2,10 @@
 
 Each stage writes under runs/<run>/gen-<k>/ and is marked done in gen-<k>/manifest.json only
 after its outputs are complete, so re-running the same command on the same folder skips
-finished stages. Generation 0 is the base model; `generations=G` trains G times and probes
+finished stages (and, inside sample and critique, committed chunks: selftrain.resume).
+Every finished stage records the sha256 of each output it wrote; a resume checks them before
+using them, and a generation's model loads only once its producing train stage is done.
+Generation 0 is the base model; `generations=G` trains G times and probes
 all of gen-000..gen-G. The monitor (probe + report) runs first in each generation, so a
 generation's drift report exists before its data is used for anything.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -17,21 +21,26 @@ from omegaconf import OmegaConf
 
 from . import UserError, models
 from .constitution import Constitution
-from .critique import critique_revise
+from .critique import critique_stage
 from .data import build_datasets
 from .monitor import probe_model
 from .probes import guard
 from .probes.suites import load_suite
 from .prompts import load_prompts, prompts_hash
-from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_json, read_jsonl, sha256_tree,
-                      write_jsonl)
+from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_json, read_jsonl, read_manifest,
+                      sha256_tree, write_jsonl)
 from .report import generation_report
+from .resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target, graceful_interrupts,
+                     parse_force, start_over, verify_outputs)
 from .sample import HFSampler, SamplingParams, sample_stage
 from .schema import monitor_settings, validate
 from .train import sft_config, train_sft
 
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "guard")
+# Run-control keys: they change how a command treats an existing folder, not the experiment,
+# so they may differ between the run that started a folder and the one that resumes it.
+RUN_CONTROL = ("resume", "force_stage")
 
 
 class Generation:
@@ -39,8 +48,10 @@ class Generation:
 
     def __init__(self, run_dir: Path, k: int, model_path: str, parent: str | None, cfg):
         self.k, self.dir, self.model_path, self.cfg = k, gen_dir(run_dir, k), model_path, cfg
-        self.manifest = Manifest(self.dir / MANIFEST, {"generation": k, "model": model_path, "parent": parent})
+        self.manifest = Manifest(self.dir / MANIFEST, {"generation": k, "model": model_path, "parent": parent},
+                                 root=run_dir)
         self._model = self._tok = None
+        self.current: str | None = None  # the stage running now, for the interrupt message
 
     def model(self):
         if self._model is None:
@@ -53,6 +64,33 @@ class Generation:
         self._model = self._tok = None
         gc.collect()
 
+    def todo(self, stage: str) -> bool:
+        """Whether `stage` still has to run; a pending signal stops the run here, between stages."""
+        if self.manifest.stage_done(stage):
+            return False
+        self.current = f"{self.dir.name}/{stage}"
+        check_interrupt()
+        return True
+
+
+class LazySampler:
+    """An HFSampler whose model loads on first use: a stage whose chunks were all committed
+    by an earlier attempt loads nothing."""
+
+    def __init__(self, gen: Generation, batch_size: int):
+        self.gen, self.batch_size, self._sampler = gen, batch_size, None
+
+    def _get(self) -> HFSampler:
+        if self._sampler is None:
+            self._sampler = HFSampler(*self.gen.model(), batch_size=self.batch_size)
+        return self._sampler
+
+    def chat(self, conversations, params, desc="sampling"):
+        return self._get().chat(conversations, params, desc=desc)
+
+    def describe(self) -> dict:
+        return self._sampler.describe() if self._sampler is not None else {"loaded": False}
+
 
 def _params(cfg, max_new_tokens: int, seed: int) -> SamplingParams:
     s = cfg.sampler
@@ -60,9 +98,15 @@ def _params(cfg, max_new_tokens: int, seed: int) -> SamplingParams:
                           repetition_penalty=s.repetition_penalty, seed=seed)
 
 
-def _check_resume(manifest: Manifest, config: dict) -> None:
-    old = manifest.data.get("config")
-    if old is None or old == config:
+def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
+    old = old_manifest.get("config")
+    if old is None:
+        return
+    if not isinstance(old, dict):
+        raise UserError(f"{path}: not a valid manifest ('config' is not an object)")
+    old = {k: v for k, v in old.items() if k not in RUN_CONTROL}
+    config = {k: v for k, v in config.items() if k not in RUN_CONTROL}
+    if old == config:
         return
     flat_old, flat_new = _flatten(old), _flatten(config)
     # keys whose value changed first, then keys only one of the two configs has
@@ -70,7 +114,7 @@ def _check_resume(manifest: Manifest, config: dict) -> None:
                   if flat_old.get(k) != flat_new.get(k))
     diff = [k for _, k in diff]
     shown = ", ".join(diff[:10]) + (f" and {len(diff) - 10} more" if len(diff) > 10 else "")
-    raise UserError(f"{manifest.path}: this run folder was started with a different config "
+    raise UserError(f"{path}: this run folder was started with a different config "
                     f"(differs in: {shown}); use a new run folder")
 
 
@@ -96,6 +140,18 @@ def run(cfg, run_dir: Path) -> dict:
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
+    sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Everything up to start_over / apply_force only reads: a refused run changes nothing.
+    target = None
+    if cfg.resume:
+        if (run_dir / MANIFEST).exists():
+            _check_resume(run_dir / MANIFEST, read_manifest(run_dir / MANIFEST), config)
+        target = force_target(run_dir, parse_force(cfg.force_stage, cfg.generations))
+        verify_outputs(run_dir, skip=target)
+        _check_committed_chunks(cfg, run_dir, prompts, target)
     models.check_weights_format(base, cfg.model.allow_pickle)
     models.check_no_control_tokens(
         models.load_tokenizer(base, cfg.model.trust_remote_code),
@@ -105,12 +161,12 @@ def run(cfg, run_dir: Path) -> dict:
            for i, ex in enumerate(constitution.exemplars)]
         + [(f"probe item '{it.id}'", it.prompt + it.aligned + it.misaligned + "".join(it.options))
            for it in suite.items])
-    sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        start_over(run_dir)
+        target = force_target(run_dir, parse_force(cfg.force_stage, cfg.generations))
+    if target is not None:
+        apply_force(run_dir, target)
     manifest = Manifest(run_dir / MANIFEST)
-    _check_resume(manifest, config)
     manifest.update(
         config=config, status="running", started=manifest.data.get("started", now()),
         constitution={"name": constitution.name, "kind": constitution.kind, "path": constitution.path,
@@ -121,16 +177,19 @@ def run(cfg, run_dir: Path) -> dict:
                      "items": len(suite.items), "dimensions": list(suite.dimensions)},
         seeds={"seed": cfg.seed}, versions=package_versions(), base_model=base)
     try:
-        for k in range(cfg.generations + 1):
-            model_path = base if k == 0 else str(gen_dir(run_dir, k) / "model")
-            parent = None if k == 0 else (base if k == 1 else str(gen_dir(run_dir, k - 1) / "model"))
-            gate = _generation(cfg, run_dir, Generation(run_dir, k, model_path, parent, cfg), constitution,
-                               prompts, suite, full_suite.texts(), last=(k == cfg.generations))
-            manifest.update(generations_done=k + 1)
-            if gate:
-                manifest.update(status="gated", gate=gate, finished=now(),
-                                final_report=str(gen_dir(run_dir, k) / "drift" / "report.md"))
-                return manifest.data
+        with graceful_interrupts():
+            for k in range(cfg.generations + 1):
+                model_path = base if k == 0 else str(gen_dir(run_dir, k) / "model")
+                parent = None if k == 0 else (base if k == 1 else str(gen_dir(run_dir, k - 1) / "model"))
+                if k > 0:
+                    _require_trained(run_dir, k)
+                gate = _generation(cfg, run_dir, Generation(run_dir, k, model_path, parent, cfg), constitution,
+                                   prompts, suite, full_suite.texts(), last=(k == cfg.generations))
+                manifest.update(generations_done=k + 1)
+                if gate:
+                    manifest.update(status="gated", gate=gate, finished=now(),
+                                    final_report=str(gen_dir(run_dir, k) / "drift" / "report.md"))
+                    return manifest.data
     except BaseException as e:
         manifest.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -140,23 +199,72 @@ def run(cfg, run_dir: Path) -> dict:
     return manifest.data
 
 
+def _require_trained(run_dir: Path, k: int) -> None:
+    """gen-k/model loads only if gen-(k-1)'s train stage, which writes it, is recorded done."""
+    prev = read_manifest(gen_dir(run_dir, k - 1) / MANIFEST)
+    if prev.get("stages", {}).get("train", {}).get("status") != "done":
+        raise UserError(f"{gen_dir(run_dir, k) / 'model'}: gen-{k - 1:03d}/train, which writes it, is not "
+                        "recorded done; a checkpoint it did not finish is never loaded")
+
+
+def _lineage(run_dir: Path, k: int, model_path: str) -> dict:
+    """The hashes that chain generation k to its parent: gen-k's model, the parent model, and
+    the SFT data gen-k was trained on (both null for gen-000)."""
+    if k == 0:
+        digest = sha256_tree(Path(model_path)) if Path(model_path).exists() else None
+        return {"model_sha256": digest, "parent_model_sha256": None, "data_sha256": None, "data": None}
+    prev = read_manifest(gen_dir(run_dir, k - 1) / MANIFEST)
+    stages = prev.get("stages", {})
+    rel_model, rel_data = f"gen-{k:03d}/model", f"gen-{k - 1:03d}/data/sft"
+    digest = stages.get("train", {}).get("outputs", {}).get(rel_model) or sha256_tree(Path(model_path))
+    return {"model_sha256": digest, "parent_model_sha256": prev.get("model_sha256"),
+            "data_sha256": stages.get("data", {}).get("outputs", {}).get(rel_data), "data": rel_data}
+
+
+def _check_committed_chunks(cfg, run_dir: Path, prompts, target) -> None:
+    """Read back every committed chunk a resume will use, before anything is written."""
+    ids = [p.id for p in prompts]
+    for k in range(cfg.generations):
+        g = gen_dir(run_dir, k)
+        if not (g / MANIFEST).is_file() or (target is not None and k > target[0]):
+            continue
+        stages = read_manifest(g / MANIFEST).get("stages", {})
+        skip = set() if target is None or k < target[0] else {"sample", "critique"} if target[1] in (
+            "probe", "report", "sample") else {"critique"} if target[1] == "critique" else set()
+        if stages.get("sample", {}).get("status") != "done" and "sample" not in skip:
+            check_chunks(g / ".chunks" / "sample", ids, cfg.sampler.chunk_size)
+        elif (stages.get("critique", {}).get("status") != "done" and "critique" not in skip
+              and (g / "samples.jsonl").is_file()):
+            sample_ids = [r.get("prompt_id") for r in read_jsonl(g / "samples.jsonl")]
+            check_chunks(g / ".chunks" / "critique", sample_ids, cfg.sampler.chunk_size)
+
+
 def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_texts: list[str],
                 last: bool) -> dict | None:
     """Run generation k's stages; return the gate's record if the monitor stopped the loop."""
+    try:
+        return _stages(cfg, run_dir, gen, constitution, prompts, suite, probe_texts, last)
+    except Interrupted as e:
+        e.where = gen.current
+        raise
+
+
+def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_texts: list[str],
+            last: bool) -> dict | None:
     m, k = gen.manifest, gen.k
     if "model_sha256" not in m.data:
-        m.update(model_sha256=sha256_tree(Path(gen.model_path)) if Path(gen.model_path).exists() else None)
+        m.update(**_lineage(run_dir, k, gen.model_path))
     t0 = time.perf_counter()
 
-    if not m.stage_done("probe"):
-        with m.stage("probe") as counts:
+    if gen.todo("probe"):
+        with m.stage("probe", outputs=[gen.dir / "probes"], optional=[gen.dir / "monitor"]) as counts:
             model, tok = gen.model()
             counts.update(probe_model(model, tok, suite, cfg.probes, cfg.monitor, gen.dir,
                                       reference=None if k == 0 else gen_dir(run_dir, 0),
                                       seed=cfg.seed * 100 + k, batch_size=cfg.sampler.batch_size))
             counts["dimensions"] = len(suite.dimensions)
-    if not m.stage_done("report"):
-        with m.stage("report") as counts:
+    if gen.todo("report"):
+        with m.stage("report", outputs=[gen.dir / "drift"]) as counts:
             rep = generation_report(run_dir, k, monitor_settings(cfg.monitor))
             counts.update(alerts=sum(a["level"] == "alert" for a in rep["alerts"]),
                           watches=sum(a["level"] == "watch" for a in rep["alerts"]))
@@ -173,42 +281,47 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
             return gate
 
     if not last:
-        sampler = None
-        if not m.stage_done("sample"):
-            with m.stage("sample") as counts:
-                sampler = HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
-                recs = sample_stage(sampler, prompts, _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k))
+        sampler = LazySampler(gen, cfg.sampler.batch_size)
+        chunks = gen.dir / ".chunks"
+        if gen.todo("sample"):
+            with m.stage("sample", outputs=[gen.dir / "samples.jsonl"]) as counts:
+                recs = sample_stage(sampler, prompts, _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k),
+                                    chunks / "sample", cfg.sampler.chunk_size, counts)
                 write_jsonl(gen.dir / "samples.jsonl", recs)
                 counts.update(prompts=len(recs), sampler=sampler.describe())
-        if not m.stage_done("critique"):
-            with m.stage("critique") as counts:
-                sampler = sampler or HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
-                recs = critique_revise(
+        shutil.rmtree(chunks / "sample", ignore_errors=True)  # folded into samples.jsonl
+        if gen.todo("critique"):
+            with m.stage("critique", outputs=[gen.dir / "critiques.jsonl"]) as counts:
+                recs = critique_stage(
                     sampler, constitution, read_jsonl(gen.dir / "samples.jsonl"), cfg.critique.rounds,
                     cfg.constitution.fewshot,
                     _params(cfg, cfg.critique.critique_max_new_tokens, cfg.seed * 100 + k + 1),
-                    _params(cfg, cfg.critique.revision_max_new_tokens, cfg.seed * 100 + k + 2), seed=cfg.seed + k)
+                    _params(cfg, cfg.critique.revision_max_new_tokens, cfg.seed * 100 + k + 2), seed=cfg.seed + k,
+                    chunk_dir=chunks / "critique", chunk_size=cfg.sampler.chunk_size, counts=counts)
                 write_jsonl(gen.dir / "critiques.jsonl", recs)
                 usage: dict[str, int] = {}
                 for r in recs:
                     for rd in r["rounds"]:
                         usage[rd["principle"]] = usage.get(rd["principle"], 0) + 1
-                counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage)
+                counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage,
+                              sampler=sampler.describe())
+        shutil.rmtree(chunks, ignore_errors=True)
         gen.release()
-        if not m.stage_done("data"):
-            with m.stage("data") as counts:
+        if gen.todo("data"):
+            with m.stage("data", outputs=[gen.dir / "data" / "sft", gen.dir / "data" / "preference"]) as counts:
                 counts.update(build_datasets(read_jsonl(gen.dir / "critiques.jsonl"), gen.dir / "data",
                                              cfg.data.min_words, cfg.data.max_top_trigram_share))
                 if counts["kept"] == 0:
                     raise UserError(f"generation {k}: every revision was dropped ({counts}); "
                                     "raise critique.revision_max_new_tokens or check the model")
-        if not m.stage_done("guard"):
+        if gen.todo("guard"):
             with m.stage("guard") as counts:
                 counts["texts_checked"] = guard.check(gen.dir / "data", probe_texts)
                 counts["probe_texts"] = len(probe_texts)
-        if not m.stage_done("train"):
-            with m.stage("train") as counts:
-                counts.update(train_sft(gen.model_path, gen.dir / "data" / "sft", gen_dir(run_dir, k + 1) / "model",
+        if gen.todo("train"):
+            next_model = gen_dir(run_dir, k + 1) / "model"
+            with m.stage("train", outputs=[next_model, gen.dir / "train" / "train_log.json"]) as counts:
+                counts.update(train_sft(gen.model_path, gen.dir / "data" / "sft", next_model,
                                         cfg.train, cfg.model, seed=cfg.seed + k, work_dir=gen.dir / "train"))
     gen.release()
     stages = m.data["stages"]

@@ -9,6 +9,9 @@ Layout of a run folder (Hydra's output dir):
     gen-000/data/{sft,preference}  training datasets
     gen-000/drift/report.{json,md} drift report vs gen k-1 and gen 0
     gen-001/model/                 safetensors of the model trained on gen-000's data
+    gen-000/.chunks/{sample,critique}/NNNNN.jsonl   committed chunks of an unfinished stage
+    replaced-<time>/               outputs moved aside by force_stage or resume=false
+A finished stage's manifest entry holds "outputs": {path relative to the run folder: sha256_tree}.
 Reports and comparisons read these files, never live objects.
 """
 from __future__ import annotations
@@ -44,7 +47,15 @@ def write_json(path: Path, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+        _sync(f)
     os.replace(tmp, path)
+
+
+def _sync(f) -> None:
+    """Flush a file to disk before it is renamed into place, so a crash of the machine (not
+    only of the process) cannot leave a renamed but empty file."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def read_json(path: Path) -> Any:
@@ -59,7 +70,41 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _sync(f)
     os.replace(tmp, path)
+
+
+def read_manifest(path: Path) -> dict:
+    """A run or generation manifest; a damaged one is a UserError naming the file."""
+    from . import UserError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a valid manifest (not JSON: {e}); "
+                        "restore it or start a new run folder") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a valid manifest (expected a JSON object)")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UserError(f"{path}: schema_version={version!r} is not one this selftrain reads "
+                        f"(up to {SCHEMA_VERSION}); use the selftrain that wrote it")
+    if not isinstance(data.get("stages", {}), dict):
+        raise UserError(f"{path}: not a valid manifest ('stages' is not an object)")
+    return data
+
+
+def check_disk(folder: Path, need: int, what: str) -> None:
+    """Refuse to write `what` (about `need` bytes) into `folder` when the disk has less free."""
+    from . import UserError
+
+    p = Path(folder).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if free < need:
+        raise UserError(f"not enough disk space for {what}: {need} bytes needed ({need / 1e9:.2f} GB), "
+                        f"{free} bytes free ({free / 1e9:.2f} GB) on {p}")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -93,7 +138,9 @@ def write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        _sync(f)
     os.replace(tmp, path)
 
 
@@ -153,10 +200,11 @@ def package_versions() -> dict[str, str]:
 class Manifest:
     """A manifest.json held in memory and rewritten atomically after every change."""
 
-    def __init__(self, path: Path, initial: dict | None = None):
+    def __init__(self, path: Path, initial: dict | None = None, root: Path | None = None):
         self.path = Path(path)
+        self.root = Path(root) if root is not None else self.path.parent  # outputs are named relative to it
         if self.path.exists():
-            self.data = read_json(self.path)
+            self.data = read_manifest(self.path)
         else:
             self.data = {"schema_version": SCHEMA_VERSION, "created": now(), **(initial or {})}
             self.data.setdefault("stages", {})
@@ -173,8 +221,10 @@ class Manifest:
         return self.data.get("stages", {}).get(name, {}).get("status") == "done"
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict]:
-        """Time a stage; the yielded dict collects its counts. Marked done only on success."""
+    def stage(self, name: str, outputs: Iterable[Path] = (), optional: Iterable[Path] = ()) -> Iterator[dict]:
+        """Time a stage; the yielded dict collects its counts. On success the sha256 of every
+        path in `outputs` is recorded under "outputs" ({path relative to root: sha256_tree}),
+        and only then is the stage marked done. `optional` paths are recorded if they exist."""
         stages = self.data.setdefault("stages", {})
         entry = {"status": "running", "started": now()}
         stages[name] = entry
@@ -189,6 +239,12 @@ class Manifest:
             entry["seconds"] = round(time.perf_counter() - t0, 3)
             self.save()
             raise
+        hashes = {}
+        outputs = list(outputs) + [p for p in optional if Path(p).exists()]
+        for p in outputs:
+            if not Path(p).exists():
+                raise RuntimeError(f"stage {name} finished without writing {p}")
+            hashes[Path(p).relative_to(self.root).as_posix()] = sha256_tree(p)
         entry.update(status="done", finished=now(), seconds=round(time.perf_counter() - t0, 3),
-                     counts=counts)
+                     counts=counts, outputs=hashes)
         self.save()

@@ -67,6 +67,9 @@ class SamplerConfig:
     temperature: float = _f(0.7, "Sampling temperature; 0 means greedy decoding.")
     top_p: float = _f(0.95, "Nucleus sampling mass.")
     repetition_penalty: float = _f(1.1, "transformers' repetition penalty; small models loop without it.")
+    chunk_size: int = _f(64, "Prompts per committed chunk in the sample and critique stages: a killed stage "
+                             "resumes after its last committed chunk. Chunk i samples with a seed made from "
+                             "the run seed and i, so changing it changes sampled (not greedy) text.")
 
 
 @dataclass
@@ -157,6 +160,13 @@ class SelftrainConfig:
     generations: int = _f(2, "Rounds of self-training; generations 0..G are all probed.")
     seed: int = _f(0, "Seed of every RNG in the run (prompt draws, principle draws, sampling, training).")
     run_name: str = _f("selftrain", "Label recorded in the manifest.")
+    resume: bool = _f(True, "Re-running on a run folder (hydra.run.dir=...) continues it, skipping finished "
+                            "stages and committed chunks. false starts over: earlier outputs move to "
+                            "<run>/replaced-<time>/ and the config may differ.")
+    force_stage: Optional[str] = _f(None, "Redo one finished stage and everything after it: `<stage>` (the first "
+                                          "generation that ran it) or `gen-<k>/<stage>`. Stages: probe, report, "
+                                          "sample, critique, data, guard, train. Replaced outputs move to "
+                                          "<run>/replaced-<time>/.")
 
 
 @dataclass
@@ -196,6 +206,7 @@ def validate(cfg: Any) -> None:
     need(cfg.model.dtype in _DTYPES, f"model.dtype={cfg.model.dtype}: must be one of {', '.join(_DTYPES)}")
     need(cfg.sampler.backend == "hf", f"sampler.backend={cfg.sampler.backend}: only 'hf' is available")
     need(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: must be at least 1")
+    need(cfg.sampler.chunk_size >= 1, f"sampler.chunk_size={cfg.sampler.chunk_size}: must be at least 1")
     need(cfg.sampler.temperature >= 0, f"sampler.temperature={cfg.sampler.temperature}: must be >= 0")
     need(0 < cfg.sampler.top_p <= 1, f"sampler.top_p={cfg.sampler.top_p}: must be in (0, 1]")
     for key in ("max_new_tokens",):
@@ -212,6 +223,9 @@ def validate(cfg: Any) -> None:
     need(cfg.probes.max_items_per_dimension is None or cfg.probes.max_items_per_dimension >= 2,
          "probes.max_items_per_dimension must be at least 2 or null")
     check_trl_fields("train.sft", dict(cfg.train.sft), "SFTConfig")
+    from .resume import parse_force
+
+    parse_force(cfg.force_stage, cfg.generations)
 
 
 def _no_unknown_keys(cfg: Any, schema: type, prefix: str = "") -> None:

@@ -16,7 +16,8 @@ from transformers import TrainerCallback
 
 from . import UserError
 from .models import load_model, load_tokenizer
-from .records import atomic_dir, write_json
+from .records import atomic_dir, check_disk, write_json
+from .resume import check_interrupt, interrupt_requested
 
 # Applied under the user's train.sft keys; the user's values win except where noted.
 SFT_DEFAULTS = dict(
@@ -49,6 +50,22 @@ class StopOnNonFinite(TrainerCallback):
             self.bad_step = state.global_step
             control.should_training_stop = True
         return control
+
+
+class StopOnInterrupt(TrainerCallback):
+    """After SIGINT/SIGTERM, stop at the end of the current optimiser step; train_sft then raises
+    before saving anything, so an interrupted train stage leaves no checkpoint and redoes training."""
+
+    def on_step_end(self, args, state, control, **kw):
+        if interrupt_requested():
+            control.should_training_stop = True
+        return control
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Disk a safetensors save of `model` needs: its parameter bytes (tied weights once) plus 10%
+    for the tokenizer, config and the safetensors header."""
+    return int(1.1 * sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def sft_config(train_cfg, output_dir: Path, seed: int):
@@ -95,7 +112,9 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     from transformers import set_seed
     from trl import SFTTrainer
 
-    dataset = load_from_disk(str(data_dir)).select_columns(["messages"])
+    # In memory: TRL maps (tokenises) the dataset, and on a dataset read from disk datasets would
+    # write its cache-*.arrow files into data/sft, changing the recorded output hash.
+    dataset = load_from_disk(str(data_dir), keep_in_memory=True).select_columns(["messages"])
     args = sft_config(train_cfg, work_dir, seed)
     set_seed(seed)
     tokenizer = load_tokenizer(parent, model_cfg.trust_remote_code)
@@ -106,8 +125,9 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     guard = StopOnNonFinite()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
-                         callbacks=[guard])
+                         callbacks=[guard, StopOnInterrupt()])
     result = trainer.train()
+    check_interrupt()
     if guard.bad_step is not None:
         raise UserError(f"training loss became NaN or infinite at step {guard.bad_step}; "
                         "lower train.sft.learning_rate")
@@ -117,6 +137,7 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     trained.eval()
     change = weight_change(before, trained)
     out_model.parent.mkdir(parents=True, exist_ok=True)
+    check_disk(out_model.parent, checkpoint_bytes(trained), f"the checkpoint {out_model}")
     with atomic_dir(out_model) as tmp:
         trained.save_pretrained(tmp, safe_serialization=True)
         tokenizer.padding_side = "left"
