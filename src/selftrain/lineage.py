@@ -106,6 +106,12 @@ def trace(run_dir: Path) -> Lineage:
                 line += f"  parent gen-{k - 1:03d}"
         if g.get("config_sha256") is not None:
             line += "  config " + lin.check(f"{name} config hash vs the run's", cfg_hash, g["config_sha256"])
+        for key, label in (("constitution", "constitution"), ("probe_suite", "probe suite")):
+            if g.get(f"{key}_sha256") is not None and (man.get(key) or {}).get("sha256"):
+                line += f"  {label} " + lin.check(f"{name} {label} hash vs the run's", man[key]["sha256"],
+                                                  g[f"{key}_sha256"])
+        if g.get("data_sha256") and g.get("data"):
+            line += f"  trained on {g['data']} {_short(g['data_sha256'])}"
         lin.lines.append(line)
         for stage, entry in g.get("stages", {}).items():
             outputs = entry.get("outputs") or {}

@@ -23,6 +23,7 @@ from . import UserError, models
 from .constitution import Constitution
 from .critique import critique_stage
 from .data import build_datasets
+from .lineage import config_sha256
 from .monitor import probe_model
 from .probes import guard
 from .probes.suites import load_suite
@@ -254,6 +255,10 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
     m, k = gen.manifest, gen.k
     if "model_sha256" not in m.data:
         m.update(**_lineage(run_dir, k, gen.model_path))
+    if "config_sha256" not in m.data:  # the inputs this generation ran under, for selftrain-lineage
+        run_m = read_manifest(run_dir / MANIFEST)
+        m.update(config_sha256=config_sha256(run_m["config"]), constitution_sha256=constitution.sha256,
+                 probe_suite_sha256=suite.sha256)
     t0 = time.perf_counter()
 
     if gen.todo("probe"):
