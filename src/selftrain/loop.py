@@ -59,6 +59,12 @@ def _params(cfg, max_new_tokens: int, seed: int) -> SamplingParams:
                           repetition_penalty=s.repetition_penalty, seed=seed)
 
 
+def _sampler(cfg, gen: Generation) -> HFSampler:
+    s = cfg.sampler
+    return HFSampler(*gen.model(), batch_size=s.batch_size, prefix_cache=s.prefix_cache,
+                     max_batch_tokens=s.max_batch_tokens)
+
+
 def _check_resume(manifest: Manifest, config: dict) -> None:
     old = manifest.data.get("config")
     if old is None or old == config:
@@ -166,13 +172,13 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
         sampler = None
         if not m.stage_done("sample"):
             with m.stage("sample") as counts:
-                sampler = HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
+                sampler = _sampler(cfg, gen)
                 recs = sample_stage(sampler, prompts, _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k))
                 write_jsonl(gen.dir / "samples.jsonl", recs)
-                counts.update(prompts=len(recs), sampler=sampler.describe())
+                counts.update(prompts=len(recs), sampler=sampler.describe(), **sampler.take_stats())
         if not m.stage_done("critique"):
             with m.stage("critique") as counts:
-                sampler = sampler or HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
+                sampler = sampler or _sampler(cfg, gen)
                 recs = critique_revise(
                     sampler, constitution, read_jsonl(gen.dir / "samples.jsonl"), cfg.critique.rounds,
                     cfg.constitution.fewshot,
@@ -183,7 +189,8 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
                 for r in recs:
                     for rd in r["rounds"]:
                         usage[rd["principle"]] = usage.get(rd["principle"], 0) + 1
-                counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage)
+                counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage,
+                              **sampler.take_stats())
         gen.release()
         if not m.stage_done("data"):
             with m.stage("data") as counts:
