@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct", help="model name or folder")
     ap.add_argument("--repeats", type=int, help="interleaved repeats of every A/B arm (median reported)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own, one per core)")
     ap.add_argument("--no-ablations", action="store_true", help="skip the optimisation ablations")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"--only: unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
 
+    import torch
+
     from . import common, critique, hardware, sampling, sft, smoke
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # the smoke run's subprocess too
 
     sizes = common.QUICK if a.quick else common.FULL
     if a.repeats:

@@ -69,6 +69,9 @@ def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
         for bs in sizes.batch_sweep:
             if bs != B:
                 arms[f"pipeline_batch_{bs}"] = lambda bs=bs: pipeline_arm(model, tok, prompts, p, bs)
+    # warm-up (one-time allocations, lazy imports), so the first arm timed does not pay for it
+    pipeline_arm(model, tok, prompts[:2], SamplingParams(**{**p.__dict__, "max_new_tokens": 2}), B)
+    bare_arm(model, tok, prompts[:2], SamplingParams(**{**p.__dict__, "max_new_tokens": 2}), B)
     runs: dict[str, list] = {k: [] for k in arms}
     errors = {}
     for _ in range(sizes.repeats):

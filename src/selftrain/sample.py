@@ -3,6 +3,8 @@
 Batches are length-sorted (less padding), left-padded (decoder-only models continue from
 the right edge) and built with the tokenizer's own chat template. Each batch's RNG is seeded
 from the run seed and the batch's position, so the same inputs and seed give the same text.
+A prefix shared by every request of a call is computed once and its KV cache reused
+(measured by benchmarks/critique.py).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class HFSampler:
     through the model once and their KV cache is shared by every row of every batch
     (`prefix_cache`); rows are then padded between the shared prefix and their own suffix, so
     each token keeps its position. Greedy outputs equal those without the cache
-    (tests/test_sample.py). `max_batch_tokens` sizes batches by a KV-cache budget instead of a
+    (tests/test_sample_prefix.py). `max_batch_tokens` sizes batches by a KV-cache budget instead of a
     fixed row count. Token counts since the last `take_stats()` are kept in `stats`.
     """
 
@@ -104,7 +106,11 @@ class HFSampler:
             n = k
         if n < self.MIN_PREFIX_TOKENS:
             return 0, None
+        from transformers import DynamicCache
+
         out = self.model(input_ids=torch.tensor([first[:n]], device=self.model.device), use_cache=True)
+        if type(out.cache) is not DynamicCache:  # e.g. recurrent-state caches: nothing to share this way
+            return 0, None
         return n, [(k, v) for k, v, *_ in out.cache]
 
     def _cache(self, prefix_kv, rows: int):
