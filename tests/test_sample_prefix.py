@@ -12,7 +12,9 @@ from conftest import TINY_OVERRIDES, compose
 
 # A few-shot transcript shared by every request, as in the critique stage
 SHARED = [{"role": "user", "content": "Tell me a long story about a dragon who learns to cook soup"},
-          {"role": "assistant", "content": "Once upon a time a dragon wanted to cook soup for the whole village."}]
+          {"role": "assistant", "content": "Once upon a time a dragon wanted to cook soup for the whole village. "
+                                           "It asked the baker, the miller and the fisher what to put in it, and "
+                                           "each told it something different, so it cooked all of them at once."}]
 CONVS = [SHARED + [{"role": "user", "content": t}] for t in
          ["Hi", "What is the capital of France?", "2+2?", "Explain photosynthesis briefly please", "ok",
           "Write a poem about the sea and the moon and the stars"]]
@@ -52,6 +54,14 @@ def test_no_shared_prefix_means_no_cache(parts):
     s = HFSampler(*parts, batch_size=2)
     s.generate_ids(convs, GREEDY)
     assert s.stats["prefix_tokens_reused"] == 0  # ChatML shares only a few tokens: below the minimum
+
+
+def test_prefix_length_is_what_the_rows_share(parts):
+    s = HFSampler(*parts)
+    ids = s.tokenizer([s.render(c) for c in CONVS], add_special_tokens=False)["input_ids"]
+    n, kv = s._prefix(ids)
+    assert n >= HFSampler.MIN_PREFIX_TOKENS and kv is not None
+    assert all(x[:n] == ids[0][:n] for x in ids) and len({x[n] for x in ids if len(x) > n}) > 1
 
 
 def test_token_budget_batches_and_unsorted_keep_tokens(parts):
