@@ -61,9 +61,9 @@ class SamplerConfig:
     batch_size: int = _f(16, "Prompts per generate call; batches are length-sorted and left-padded. "
                              "16 measured about 6x the tokens/s of one prompt at a time on 2 CPU cores.")
     max_new_tokens: int = _f(128, "Token budget of an initial response.")
-    prefix_cache: bool = _f(True, "Run the tokens every request of a call shares (system prompt, few-shot "
-                                  "transcripts) through the model once and reuse their KV cache; greedy "
-                                  "outputs are unchanged.")
+    prefix_cache: bool = _f(True, "Run the tokens every request of a call shares (64 or more: the few-shot "
+                                  "transcripts of the critique stage) through the model once and reuse their KV "
+                                  "cache; greedy outputs are unchanged. Measured 1.8x on the critique stage.")
     max_batch_tokens: Optional[int] = _f(None, "KV-cache budget per batch in tokens: a batch takes as many "
                                                "prompts (up to batch_size) as fit rows x (longest prompt + "
                                                "max_new_tokens) <= this. null: batch_size rows every batch.")
