@@ -1,11 +1,15 @@
 # make run  : set up .venv, install the project and the embedded model, run the default experiment
 # make test : the same set-up, then the whole test suite
+# make bench: the same set-up, then every benchmark (runs/bench/<date>/results.{json,md});
+#             `make bench QUICK=1` only checks that the runner works
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel of torch 2.13.0 lies on this machine's disk; a range would pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 EXPERIMENT ?= default
 PYTEST_ARGS ?=
+QUICK ?=
+BENCH_ARGS ?=
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selftrain-installed
@@ -13,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test smoke clean-cache
+.PHONY: setup run test smoke bench clean-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +40,6 @@ smoke: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick) $(BENCH_ARGS)

@@ -78,12 +78,12 @@ class LazySampler:
     """An HFSampler whose model loads on first use: a stage whose chunks were all committed
     by an earlier attempt loads nothing."""
 
-    def __init__(self, gen: Generation, batch_size: int):
-        self.gen, self.batch_size, self._sampler = gen, batch_size, None
+    def __init__(self, factory):
+        self.factory, self._sampler = factory, None
 
-    def _get(self) -> HFSampler:
+    def _get(self):
         if self._sampler is None:
-            self._sampler = HFSampler(*self.gen.model(), batch_size=self.batch_size)
+            self._sampler = self.factory()
         return self._sampler
 
     def chat(self, conversations, params, desc="sampling"):
@@ -92,11 +92,22 @@ class LazySampler:
     def describe(self) -> dict:
         return self._sampler.describe() if self._sampler is not None else {"loaded": False}
 
+    def take_stats(self) -> dict:
+        """Token counts and generate seconds since the last call (empty if nothing was sampled)."""
+        take = getattr(self._sampler, "take_stats", None)
+        return take() if take is not None else {}
+
 
 def _params(cfg, max_new_tokens: int, seed: int) -> SamplingParams:
     s = cfg.sampler
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                           repetition_penalty=s.repetition_penalty, seed=seed)
+
+
+def _sampler(cfg, gen: Generation) -> HFSampler:
+    s = cfg.sampler
+    return HFSampler(*gen.model(), batch_size=s.batch_size, prefix_cache=s.prefix_cache,
+                     max_batch_tokens=s.max_batch_tokens)
 
 
 def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
@@ -286,14 +297,14 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
             return gate
 
     if not last:
-        sampler = LazySampler(gen, cfg.sampler.batch_size)
+        sampler = LazySampler(lambda: _sampler(cfg, gen))
         chunks = gen.dir / ".chunks"
         if gen.todo("sample"):
             with m.stage("sample", outputs=[gen.dir / "samples.jsonl"]) as counts:
                 recs = sample_stage(sampler, prompts, _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k),
                                     chunks / "sample", cfg.sampler.chunk_size, counts)
                 write_jsonl(gen.dir / "samples.jsonl", recs)
-                counts.update(prompts=len(recs), sampler=sampler.describe())
+                counts.update(prompts=len(recs), sampler=sampler.describe(), **sampler.take_stats())
         shutil.rmtree(chunks / "sample", ignore_errors=True)  # folded into samples.jsonl
         if gen.todo("critique"):
             with m.stage("critique", outputs=[gen.dir / "critiques.jsonl"]) as counts:
@@ -309,7 +320,7 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
                     for rd in r["rounds"]:
                         usage[rd["principle"]] = usage.get(rd["principle"], 0) + 1
                 counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage,
-                              sampler=sampler.describe())
+                              sampler=sampler.describe(), **sampler.take_stats())
         shutil.rmtree(chunks, ignore_errors=True)
         gen.release()
         if gen.todo("data"):

@@ -145,6 +145,7 @@ def generation_report(run_dir: Path, k: int, settings: dict) -> dict:
     rep = build_report(gens, settings, title=f"Drift report: gen-{k:03d}")
     rep["run"] = str(run_dir)
     rep["examples"] = examples(run_dir, k)
+    rep["stage_timings"] = stage_timings(run_dir, k)
     write_report(rep, gen_dir(run_dir, k) / "drift")
     write_index(run_dir)
     return rep
@@ -208,6 +209,42 @@ def _examples_html(ex: dict) -> str:
                        f"<p><b>Initial</b></p><pre>{e(r['initial'])}</pre><p><b>Critique</b></p>"
                        f"<pre>{e(r['critique'])}</pre><p><b>Revision</b></p><pre>{e(r['final'])}</pre>")
     return "".join(out)
+
+
+def stage_timings(run_dir: Path, k: int) -> dict:
+    """Per generation up to k, from its manifest: each finished stage's seconds and, for the
+    sampling stages, tokens generated and tokens/s; and the monitor's share of the wall time.
+    A generation's own report is written before it samples, so its later stages show in the next."""
+    out = {}
+    for j in range(k + 1):
+        m = _maybe(gen_dir(run_dir, j) / "manifest.json") or {}
+        stages = {name: {"seconds": st.get("seconds"),
+                         **{c: st.get("counts", {}).get(c) for c in ("new_tokens", "tokens_per_s")
+                            if st.get("counts", {}).get(c) is not None}}
+                  for name, st in m.get("stages", {}).items() if st.get("status") == "done"}
+        if stages:
+            out[f"gen-{j:03d}"] = {"stages": stages, "wall_s": m.get("wall_s"),
+                                   "monitor_fraction": m.get("monitor_fraction")}
+    return out
+
+
+def _timings_markdown(timings: dict) -> list[str]:
+    if not timings:
+        return []
+    order = ("probe", "report", "sample", "critique", "data", "guard", "train")
+    names = sorted({s for g in timings.values() for s in g["stages"]},
+                   key=lambda s: order.index(s) if s in order else len(order))
+    lines = ["", "## Stage timings", "", "Seconds per finished stage (tokens/s where the stage samples), from "
+             "each generation's manifest.", "",
+             f"| generation | {' | '.join(names)} | wall s | monitor share |", "|---|" + "---|" * (len(names) + 2)]
+    for g, t in timings.items():
+        cells = []
+        for n in names:
+            st = t["stages"].get(n)
+            cells.append("–" if st is None else f"{_f(st.get('seconds'), 1)}"
+                         + (f" ({st['tokens_per_s']:.1f} tok/s)" if st.get("tokens_per_s") else ""))
+        lines.append(f"| {g} | {' | '.join(cells)} | {_f(t.get('wall_s'), 1)} | {_f(t.get('monitor_fraction'))} |")
+    return lines
 
 
 def write_index(run_dir: Path) -> None:
@@ -335,6 +372,7 @@ def render_markdown(rep: dict) -> str:
                   "polarity: a shift here is answer bias, not values (polarity balance cancels it in the scores).", ""]
         lines += [f"- {g}: {b:.3f}" for g, b in rep["answer_bias"].items()]
     lines += _examples_markdown(rep.get("examples") or {})
+    lines += _timings_markdown(rep.get("stage_timings"))
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,12 @@ class SamplerConfig:
     batch_size: int = _f(16, "Prompts per generate call; batches are length-sorted and left-padded. "
                              "16 measured about 6x the tokens/s of one prompt at a time on 2 CPU cores.")
     max_new_tokens: int = _f(128, "Token budget of an initial response.")
+    prefix_cache: bool = _f(True, "Run the tokens every request of a call shares (64 or more: the few-shot "
+                                  "transcripts of the critique stage) through the model once and reuse their KV "
+                                  "cache; greedy outputs are unchanged. Measured 1.8x on the critique stage.")
+    max_batch_tokens: Optional[int] = _f(None, "KV-cache budget per batch in tokens: a batch takes as many "
+                                               "prompts (up to batch_size) as fit rows x (longest prompt + "
+                                               "max_new_tokens) <= this. null: batch_size rows every batch.")
     temperature: float = _f(0.7, "Sampling temperature; 0 means greedy decoding.")
     top_p: float = _f(0.95, "Nucleus sampling mass.")
     repetition_penalty: float = _f(1.1, "transformers' repetition penalty; small models loop without it.")
@@ -207,6 +213,8 @@ def validate(cfg: Any) -> None:
     need(cfg.sampler.backend == "hf", f"sampler.backend={cfg.sampler.backend}: only 'hf' is available")
     need(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: must be at least 1")
     need(cfg.sampler.chunk_size >= 1, f"sampler.chunk_size={cfg.sampler.chunk_size}: must be at least 1")
+    need(cfg.sampler.max_batch_tokens is None or cfg.sampler.max_batch_tokens >= 1,
+         f"sampler.max_batch_tokens={cfg.sampler.max_batch_tokens}: must be at least 1 or null")
     need(cfg.sampler.temperature >= 0, f"sampler.temperature={cfg.sampler.temperature}: must be >= 0")
     need(0 < cfg.sampler.top_p <= 1, f"sampler.top_p={cfg.sampler.top_p}: must be in (0, 1]")
     for key in ("max_new_tokens",):

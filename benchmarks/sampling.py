@@ -1,0 +1,98 @@
+"""Sampling: the pipeline's sample stage against a bare batched `generate` loop and against
+one prompt at a time, same prompts and settings; plus ablations of the sampler's choices.
+
+Arms run interleaved (A B C A B C ...) when repeats > 1, and each reports its median.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from selftrain.sample import HFSampler, SamplingParams, sample_stage
+
+from .common import eos_set, median, new_token_count, rate, ratio
+
+
+def params(sizes) -> SamplingParams:
+    # the pipeline's sampler defaults (conf/sampler/hf.yaml)
+    return SamplingParams(max_new_tokens=sizes.max_new_tokens, temperature=0.7, top_p=0.95,
+                          repetition_penalty=1.1, seed=0)
+
+
+def pipeline_arm(model, tok, prompts, p, batch_size, **sampler_kw) -> dict:
+    sampler = HFSampler(model, tok, batch_size=batch_size, **sampler_kw)
+    t0 = time.perf_counter()
+    sample_stage(sampler, prompts, p)
+    s = time.perf_counter() - t0
+    st = sampler.take_stats()
+    return {"seconds": s, "new_tokens": st["new_tokens"], "batches": st["batches"]}
+
+
+@torch.inference_mode()
+def bare_arm(model, tok, prompts, p, batch_size, **gen_kw) -> dict:
+    """What a user would write: chat template, tokenizer padding, model.generate, in the given order."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": q.text}], tokenize=False,
+                                     add_generation_prompt=True) for q in prompts]
+    eos, tokens, batches = eos_set(tok), 0, 0
+    t0 = time.perf_counter()
+    for b, start in enumerate(range(0, len(texts), batch_size)):
+        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(p.seed * 1_000_003 + b)
+        gen = model.generate(**enc, max_new_tokens=p.max_new_tokens, do_sample=True, temperature=p.temperature,
+                             top_p=p.top_p, top_k=None, repetition_penalty=p.repetition_penalty,
+                             pad_token_id=tok.pad_token_id, **gen_kw)
+        tokens += new_token_count(gen[:, enc["input_ids"].shape[1]:], eos)
+        batches += 1
+    return {"seconds": time.perf_counter() - t0, "new_tokens": tokens, "batches": batches}
+
+
+def _summ(runs: list[dict]) -> dict:
+    rates = [rate(r["new_tokens"], r["seconds"]) for r in runs]
+    return {"tokens_per_s": median(rates), "seconds": median([round(r["seconds"], 3) for r in runs]),
+            "new_tokens": median([r["new_tokens"] for r in runs]), "batches": runs[0]["batches"],
+            "runs": len(runs)}
+
+
+def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
+    p = params(sizes)
+    B = sizes.batch_size
+    arms = {
+        "pipeline": lambda: pipeline_arm(model, tok, prompts, p, B),
+        "bare_batched_generate": lambda: bare_arm(model, tok, prompts, p, B),
+        "one_at_a_time": lambda: bare_arm(model, tok, prompts[:sizes.single_prompts], p, 1),
+    }
+    if ablations:
+        arms["pipeline_unsorted"] = lambda: pipeline_arm(model, tok, prompts, p, B, sort_by_length=False)
+        arms["pipeline_no_prefix_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefix_cache=False)
+        arms["bare_static_cache"] = lambda: bare_arm(model, tok, prompts, p, B, cache_implementation="static")
+        for bs in sizes.batch_sweep:
+            if bs != B:
+                arms[f"pipeline_batch_{bs}"] = lambda bs=bs: pipeline_arm(model, tok, prompts, p, bs)
+    # warm-up (one-time allocations, lazy imports), so the first arm timed does not pay for it
+    pipeline_arm(model, tok, prompts[:2], SamplingParams(**{**p.__dict__, "max_new_tokens": 2}), B)
+    bare_arm(model, tok, prompts[:2], SamplingParams(**{**p.__dict__, "max_new_tokens": 2}), B)
+    runs: dict[str, list] = {k: [] for k in arms}
+    errors = {}
+    for _ in range(sizes.repeats):
+        for name, fn in arms.items():
+            if name in errors:
+                continue
+            try:
+                runs[name].append(fn())
+            except Exception as e:  # an ablation the installed transformers cannot do is reported, not fatal
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    res = {k: _summ(v) for k, v in runs.items() if v}
+    for k, e in errors.items():
+        res[k] = {"error": e}
+    pipe = res["pipeline"]["tokens_per_s"]
+    out = {"settings": {"prompts": len(prompts), "one_at_a_time_prompts": sizes.single_prompts, "batch_size": B,
+                        "max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                        "repetition_penalty": p.repetition_penalty, "repeats": sizes.repeats},
+           "arms": res,
+           "pipeline_vs_bare_batched": ratio(pipe, res["bare_batched_generate"]["tokens_per_s"]),
+           "pipeline_vs_one_at_a_time": ratio(pipe, res["one_at_a_time"]["tokens_per_s"])}
+    for k, v in res.items():
+        if k.startswith(("pipeline_", "bare_static")) and "tokens_per_s" in v:
+            v["vs_pipeline"] = ratio(v["tokens_per_s"], pipe)
+    return out

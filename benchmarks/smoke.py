@@ -1,0 +1,40 @@
+"""The whole smoke experiment as a user runs it (a subprocess of the real CLI): wall time, peak
+memory, each generation's stage seconds and tokens/s, and the monitor's share of a generation
+(all read back from the run's manifests)."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run(out: Path, model: str | None, overrides: list[str]) -> dict:
+    run_dir = Path(out) / "smoke-run"
+    args = [sys.executable, "-c", "from selftrain.cli import main; main()", "experiment=smoke",
+            f"hydra.run.dir={run_dir}", *([f"model.name_or_path={model}"] if model else []), *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    # ru_maxrss of waited-for children: KiB on Linux. The runner starts no other child processes.
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    res = {"command": " ".join(["selftrain"] + args[3:]), "returncode": proc.returncode,
+           "wall_s": round(wall, 2), "peak_rss_mib": round(peak_kib / 1024, 1)}
+    if proc.returncode != 0:
+        res["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        return res
+    gens = {}
+    for g in sorted(run_dir.glob("gen-*")):
+        m = json.loads((g / "manifest.json").read_text())
+        gens[g.name] = {
+            "wall_s": m.get("wall_s"), "monitor_s": m.get("monitor_s"), "monitor_fraction": m.get("monitor_fraction"),
+            "stages": {name: {"seconds": st.get("seconds"),
+                              **{k: v for k, v in st.get("counts", {}).items() if k in ("new_tokens", "tokens_per_s")}}
+                       for name, st in m.get("stages", {}).items()}}
+    res["generations"] = gens
+    # a generation that trained (every one but the last) is the unit the monitor's share is judged on
+    trained = [v["monitor_fraction"] for v in gens.values() if "train" in v["stages"] and v["monitor_fraction"]]
+    res["monitor_fraction_of_generation"] = max(trained) if trained else None
+    return res

@@ -1,0 +1,91 @@
+"""HFSampler's optimisations keep greedy outputs: the shared-prefix KV cache, token-budget
+batches and unsorted batches all give the same tokens as one conversation at a time."""
+import pytest
+import torch
+
+from selftrain import UserError
+from selftrain.models import load_model, load_tokenizer
+from selftrain.sample import HFSampler, SamplingParams
+from selftrain.schema import validate
+
+from conftest import TINY_OVERRIDES, compose
+
+# A few-shot transcript shared by every request, as in the critique stage
+SHARED = [{"role": "user", "content": "Tell me a long story about a dragon who learns to cook soup"},
+          {"role": "assistant", "content": "Once upon a time a dragon wanted to cook soup for the whole village. "
+                                           "It asked the baker, the miller and the fisher what to put in it, and "
+                                           "each told it something different, so it cooked all of them at once."}]
+CONVS = [SHARED + [{"role": "user", "content": t}] for t in
+         ["Hi", "What is the capital of France?", "2+2?", "Explain photosynthesis briefly please", "ok",
+          "Write a poem about the sea and the moon and the stars"]]
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.1)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    model, tok = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
+    # The random init's tiny logits make every row repeat one token; larger weights make the
+    # continuation depend on the context, so a wrong cache or position would change the tokens.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.25)
+    return model, tok
+
+
+def test_prefix_cache_keeps_greedy_tokens(parts):
+    with_cache = HFSampler(*parts, batch_size=4, prefix_cache=True)
+    a = with_cache.generate_ids(CONVS, GREEDY)
+    assert with_cache.stats["prefix_tokens_reused"] > 0  # the cache was used
+    b = HFSampler(*parts, batch_size=4, prefix_cache=False).generate_ids(CONVS, GREEDY)
+    one = HFSampler(*parts, batch_size=1, prefix_cache=False).generate_ids(CONVS, GREEDY)
+    assert a == b == one
+    assert len({tuple(r) for r in a}) > 1 and any(len(set(r)) > 2 for r in a)  # not a degenerate model
+
+
+def test_prefix_cache_keeps_seeded_samples(parts):
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    assert (HFSampler(*parts, batch_size=3, prefix_cache=True).chat(CONVS, p)
+            == HFSampler(*parts, batch_size=3, prefix_cache=False).chat(CONVS, p))
+
+
+def test_no_shared_prefix_means_no_cache(parts):
+    convs = [[{"role": "user", "content": t}] for t in ("Hi", "What is the capital of France?")]
+    s = HFSampler(*parts, batch_size=2)
+    s.generate_ids(convs, GREEDY)
+    assert s.stats["prefix_tokens_reused"] == 0  # ChatML shares only a few tokens: below the minimum
+
+
+def test_prefix_length_is_what_the_rows_share(parts):
+    s = HFSampler(*parts)
+    ids = s.tokenizer([s.render(c) for c in CONVS], add_special_tokens=False)["input_ids"]
+    n, kv = s._prefix(ids)
+    assert n >= HFSampler.MIN_PREFIX_TOKENS and kv is not None
+    assert all(x[:n] == ids[0][:n] for x in ids) and len({x[n] for x in ids if len(x) > n}) > 1
+
+
+def test_token_budget_batches_and_unsorted_keep_tokens(parts):
+    ref = HFSampler(*parts, batch_size=1, prefix_cache=False).generate_ids(CONVS, GREEDY)
+    budget = HFSampler(*parts, batch_size=16, max_batch_tokens=200)
+    lengths = [60, 50, 40, 30, 20, 10]
+    batches = budget._batches(lengths, 10)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert all(len(b) * (max(lengths[i] for i in b) + 10) <= 200 or len(b) == 1 for b in batches)
+    assert len(batches) > 1
+    assert budget.generate_ids(CONVS, GREEDY) == ref
+    assert HFSampler(*parts, batch_size=4, sort_by_length=False).generate_ids(CONVS, GREEDY) == ref
+
+
+def test_stats_count_new_tokens(parts):
+    s = HFSampler(*parts, batch_size=4)
+    rows = s.generate_ids(CONVS, GREEDY)
+    st = s.take_stats()
+    assert st["new_tokens"] == sum(len(r) for r in rows) and 0 < st["new_tokens"] <= 10 * len(CONVS)
+    assert st["sequences"] == len(CONVS) and st["batches"] == 2 and st["tokens_per_s"] > 0
+    assert s.take_stats()["new_tokens"] == 0  # take_stats resets
+
+
+def test_max_batch_tokens_must_be_positive(tiny_model):
+    cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", "sampler.max_batch_tokens=0"])
+    with pytest.raises(UserError, match="sampler.max_batch_tokens=0"):
+        validate(cfg)
