@@ -28,7 +28,7 @@ from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_j
 from .report import generation_report
 from .sample import HFSampler, SamplingParams, sample_stage
 from .schema import monitor_settings, validate
-from .train import sft_config, train_sft
+from .train import dpo_config, sft_config, train_generation, uses_dpo
 
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "guard")
@@ -96,6 +96,10 @@ def run(cfg, run_dir: Path) -> dict:
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
+    if uses_dpo(cfg.train.method):
+        dpo_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)
+        if cfg.preferences.labeller:
+            models.resolve(cfg.preferences.labeller)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,14 +196,18 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
                 if counts["kept"] == 0:
                     raise UserError(f"generation {k}: every revision was dropped ({counts}); "
                                     "raise critique.revision_max_new_tokens or check the model")
+        if _labels(cfg) and not m.stage_done("label"):
+            with m.stage("label") as counts:
+                counts.update(_label(cfg, gen, constitution))
         if not m.stage_done("guard"):
             with m.stage("guard") as counts:
                 counts["texts_checked"] = guard.check(gen.dir / "data", probe_texts)
                 counts["probe_texts"] = len(probe_texts)
         if not m.stage_done("train"):
             with m.stage("train") as counts:
-                counts.update(train_sft(gen.model_path, gen.dir / "data" / "sft", gen_dir(run_dir, k + 1) / "model",
-                                        cfg.train, cfg.model, seed=cfg.seed + k, work_dir=gen.dir / "train"))
+                counts.update(train_generation(cfg.train.method, gen.model_path, gen.dir / "data",
+                                               gen_dir(run_dir, k + 1) / "model", cfg.train, cfg.model,
+                                               seed=cfg.seed + k, work_dir=gen.dir / "train"))
     gen.release()
     stages = m.data["stages"]
     total = sum(s.get("seconds", 0) for s in stages.values())
@@ -207,3 +215,35 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
     m.update(status="done", wall_s=round(time.perf_counter() - t0, 3),
              monitor_s=round(monitor, 3), monitor_fraction=round(monitor / total, 4) if total else None)
     return None
+
+
+def _labels(cfg) -> bool:
+    """The label stage runs when DPO trains on AI-feedback preferences."""
+    return cfg.preferences.source == "ai_feedback" and uses_dpo(cfg.train.method)
+
+
+def _label(cfg, gen: Generation, constitution) -> dict:
+    """AI-feedback labels for generation k's prompts: model k samples, the labeller compares."""
+    from .feedback import label_stage
+
+    pref, k = cfg.preferences, gen.k
+    sampler = HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
+    if pref.labeller:
+        path = models.resolve(pref.labeller)
+        labeller = HFSampler(models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code),
+                             models.load_tokenizer(path, cfg.model.trust_remote_code), batch_size=pref.batch_size)
+        who = {"source": "preferences.labeller", "path": path,
+               "sha256": sha256_tree(Path(path)) if Path(path).exists() else None}
+    else:
+        labeller = HFSampler(*gen.model(), batch_size=pref.batch_size)
+        who = {"source": f"model k (gen-{k:03d})", "path": gen.model_path, "sha256": gen.manifest.data.get("model_sha256")}
+    t0 = time.perf_counter()
+    counts = label_stage(sampler, labeller, constitution, read_jsonl(gen.dir / "samples.jsonl"), pref,
+                         _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k + 3),
+                         _params(cfg, pref.cot_max_new_tokens, cfg.seed * 100 + k + 4), seed=cfg.seed + k,
+                         gen_dir=gen.dir)
+    if counts["kept"] == 0:
+        raise UserError(f"generation {k}: every preference pair was dropped ({counts['dropped_identical']} identical, "
+                        f"{counts['dropped_margin']} below preferences.min_margin={pref.min_margin})")
+    gen.release()
+    return {**counts, "labeller": who, "seconds_labelling": round(time.perf_counter() - t0, 3)}

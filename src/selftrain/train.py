@@ -225,6 +225,16 @@ def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model
     return {**dpo, "method": "sft_dpo", "sft": sft, "dpo_relative_l2": dpo["relative_l2"], **total}
 
 
-def train_method(method: str):
-    """The training function for train.method."""
-    return {"sft": train_sft, "dpo": train_dpo, "sft_dpo": train_sft_dpo}[method]
+def train_generation(method: str, parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
+                     work_dir: Path) -> dict:
+    """train.method's training of generation k+1 from generation k's data folder (sft/, preference/)."""
+    data_dir = Path(data_dir)
+    if method == "sft":
+        return train_sft(parent, data_dir / "sft", out_model, train_cfg, model_cfg, seed, work_dir)
+    if method == "dpo":
+        return train_dpo(parent, data_dir / "preference", out_model, train_cfg, model_cfg, seed, work_dir)
+    return train_sft_dpo(parent, data_dir, out_model, train_cfg, model_cfg, seed, work_dir)
+
+
+def uses_dpo(method: str) -> bool:
+    return method in ("dpo", "sft_dpo")
