@@ -98,4 +98,4 @@ def test_options_the_tokenizer_cannot_tell_apart(labeller):
     c = Constitution.load("builtin:constitution/rules.yaml")
     items = [{"prompt": "Hi", "first": "Hello", "second": "Hey", "principles": [c.principles[0].id]}]
     with pytest.raises(UserError, match="cannot tell options"):
-        judge(labeller, c, items, _pref("preferences.options=[Yes,Yes!]"))
+        judge(labeller, c, items, _pref("preferences.options=[Yes,'Yes, really']"))
