@@ -175,30 +175,3 @@ def label_stage(sampler: Sampler, labeller: Sampler, constitution: Constitution,
             "clamp": [pref.clamp_low, pref.clamp_high] if pref.chain_of_thought else None,
             "principle_usage": dict(usage), "labeller_cost": labeller_cost(pref)}
 
-
-def check_preference_dataset(path: Path) -> None:
-    """Refuse a preference dataset that DPO cannot read, naming the missing field or row."""
-    from datasets import load_from_disk
-
-    path = Path(path)
-    if not (path / "dataset_info.json").is_file():
-        if (path / "EMPTY").is_file():
-            raise UserError(f"{path}: the preference dataset is empty (every pair was dropped)")
-        raise UserError(f"{path}: not a saved preference dataset (no dataset_info.json)")
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as e:  # a corrupted folder: datasets raises many types
-        raise UserError(f"{path}: cannot load the preference dataset: {str(e).splitlines()[0]}") from e
-    for col in ("prompt", "chosen", "rejected"):
-        if col not in ds.column_names:
-            raise UserError(f"{path}: preference dataset has no '{col}' field (it has: {', '.join(ds.column_names)})")
-    if len(ds) == 0:
-        raise UserError(f"{path}: the preference dataset has no rows")
-    for i, row in enumerate(ds):
-        for col in ("prompt", "chosen", "rejected"):
-            v = row[col]
-            ok = (isinstance(v, str) and v.strip()) or (
-                isinstance(v, list) and v and all(isinstance(m, dict) and "role" in m and "content" in m for m in v))
-            if not ok:
-                raise UserError(f"{path}: row {i}: field '{col}' is empty or not a list of "
-                                "{role, content} messages")

@@ -26,7 +26,8 @@ from .prompts import load_prompts, prompts_hash
 from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_json, read_jsonl, sha256_tree,
                       write_jsonl)
 from .report import generation_report
-from .sample import HFSampler, SamplingParams, sample_stage
+from .preferences import load_user_preferences
+from .sample import HFSampler, SamplingParams, option_first_tokens, sample_stage
 from .schema import monitor_settings, validate
 from .train import dpo_config, sft_config, train_generation, uses_dpo
 
@@ -90,6 +91,8 @@ def run(cfg, run_dir: Path) -> dict:
     datasets.disable_progress_bars()  # one bar per stage is ours; datasets' save/map bars are noise
     run_dir = Path(run_dir)
     validate(cfg)
+    if uses_dpo(cfg.train.method) and cfg.preferences.source == "dataset":
+        load_user_preferences(cfg.preferences.path)  # a missing field fails here, before any model loads
     constitution = Constitution.load(cfg.constitution.path)
     prompts = load_prompts(cfg.prompts, cfg.seed)
     full_suite = load_suite(cfg.probes.suite)
@@ -98,8 +101,10 @@ def run(cfg, run_dir: Path) -> dict:
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
     if uses_dpo(cfg.train.method):
         dpo_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)
-        if cfg.preferences.labeller:
-            models.resolve(cfg.preferences.labeller)
+        if _labels(cfg) and cfg.preferences.source == "ai_feedback":  # the labeller's tokenizer must tell options apart
+            labeller = models.resolve(cfg.preferences.labeller) if cfg.preferences.labeller else base
+            option_first_tokens(models.load_tokenizer(labeller, cfg.model.trust_remote_code),
+                                list(cfg.preferences.options))
 
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,15 +223,24 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
 
 
 def _labels(cfg) -> bool:
-    """The label stage runs when DPO trains on AI-feedback preferences."""
-    return cfg.preferences.source == "ai_feedback" and uses_dpo(cfg.train.method)
+    """The label stage runs when DPO trains on AI-feedback or user-supplied preferences."""
+    return cfg.preferences.source in ("ai_feedback", "dataset") and uses_dpo(cfg.train.method)
 
 
 def _label(cfg, gen: Generation, constitution) -> dict:
-    """AI-feedback labels for generation k's prompts: model k samples, the labeller compares."""
+    """AI-feedback labels for generation k's prompts: model k samples, the labeller compares.
+    With source=dataset, the user's pairs are copied into data/preference instead."""
+    from datasets import Dataset
+
     from .feedback import label_stage
+    from .records import atomic_dir
 
     pref, k = cfg.preferences, gen.k
+    if pref.source == "dataset":
+        rows, digest = load_user_preferences(pref.path)
+        with atomic_dir(gen.dir / "data" / "preference") as tmp:
+            Dataset.from_list(rows).save_to_disk(str(tmp))
+        return {"source": "dataset", "path": pref.path, "sha256": digest, "pairs": len(rows), "kept": len(rows)}
     sampler = HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
     if pref.labeller:
         path = models.resolve(pref.labeller)

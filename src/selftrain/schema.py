@@ -104,13 +104,16 @@ class TrainConfig:
                              factory=dict)
 
 
-PREFERENCE_SOURCES = ("revision", "ai_feedback")
+PREFERENCE_SOURCES = ("revision", "ai_feedback", "dataset")
 
 
 @dataclass
 class PreferencesConfig:
     source: str = _f("revision", "Where preference pairs come from: revision (chosen = final revision, rejected = "
-                                 "initial response) or ai_feedback (a labeller compares sampled responses).")
+                                 "initial response), ai_feedback (a labeller compares sampled responses) or dataset "
+                                 "(the user's pairs at `path`, the same for every generation).")
+    path: Optional[str] = _f(None, "source=dataset: a JSONL file or a datasets.save_to_disk folder with prompt, "
+                                   "chosen, rejected (strings or chat messages).")
     responses: int = _f(2, "ai_feedback: responses sampled from model k per prompt (seeded); every pair is labelled.")
     principles: int = _f(2, "ai_feedback: principles (rules) or sections (values) drawn per pair, seeded by "
                             "(seed, prompt id, j); the soft label is the mean over them.")
@@ -248,6 +251,7 @@ def validate_preferences(p: Any) -> None:
 
     need(p.source in PREFERENCE_SOURCES,
          f"preferences.source={p.source}: must be one of {', '.join(PREFERENCE_SOURCES)}")
+    need(p.source != "dataset" or bool(p.path), "preferences.path: must be set when preferences.source=dataset")
     need(0 <= p.min_margin <= 1, f"preferences.min_margin={p.min_margin}: must be in [0, 1]")
     need(0 <= p.clamp_low <= 0.5 <= p.clamp_high <= 1,
          f"preferences.clamp_low={p.clamp_low}, clamp_high={p.clamp_high}: need 0 <= clamp_low <= 0.5 <= clamp_high <= 1")

@@ -173,7 +173,7 @@ def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     from transformers import set_seed
     from trl import DPOTrainer
 
-    from .feedback import check_preference_dataset
+    from .preferences import check_preference_dataset
 
     check_preference_dataset(data_dir)
     dataset = load_from_disk(str(data_dir)).select_columns(["prompt", "chosen", "rejected"])
@@ -212,7 +212,7 @@ def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model
     work_dir/train_log.json, SFT's work_dir/sft/train_log.json."""
     import shutil
 
-    from .feedback import check_preference_dataset
+    from .preferences import check_preference_dataset
 
     check_preference_dataset(Path(data_dir) / "preference")  # before spending time on SFT
     sft_model = Path(work_dir) / "sft_model"
