@@ -30,7 +30,6 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from . import UserError
 from .constitution import Constitution, Principle
 from .records import atomic_dir, write_jsonl
 from .sample import Sampler, SamplingParams

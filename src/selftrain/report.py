@@ -514,7 +514,6 @@ def svg_bars(title: str, counts: list[int], width=260, height=160) -> str:
 def training_html(training: list[dict]) -> str:
     if not training:
         return ""
-    e = html.escape
     body = ["<h2>How each generation was trained</h2><div class='charts'>"]
     for t in training:
         p, d = t.get("preferences") or {}, t.get("dpo")
