@@ -75,6 +75,26 @@ def _fake_model(work: Path) -> None:
     (work / "fake_model" / "config.json").write_text("{}\n")
 
 
+def _tokenizer_only_model(work: Path) -> None:
+    """A checkpoint folder with a word-level tokenizer that maps both "A" and "B" to <unk>, and no weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"<unk>": 0, "<|im_end|>": 1, "hello": 2}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>")
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    tok.save_pretrained(work / "tok_model")
+    (work / "tok_model" / "config.json").write_text('{"model_type": "llama"}\n')
+
+
+def _pairs_without_chosen(work: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_list([{"prompt": "Hi", "rejected": "Go away."}]).save_to_disk(str(work / "pairs"))
+
+
 RESUME_ARGS = ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/fake_model'")
 
 
@@ -220,6 +240,22 @@ CORPUS = [
       "prompts.sources[0]", "`path`"),
     C("cfg-source-n-zero", "prompts.sources=[{name:x,path:'<BAD>/prompts/ok.jsonl',n:0}]",
       "prompts.sources[0].n=0"),
+    # ---- preference training (train=dpo)
+    C("pref-min-margin-above-one", ("train=dpo", "preferences=ai_feedback", "preferences.min_margin=1.5"),
+      "preferences.min_margin=1.5", "[0, 1]"),
+    C("pref-min-margin-negative", ("train=dpo", "preferences=ai_feedback", "preferences.min_margin=-0.2"),
+      "preferences.min_margin=-0.2"),
+    C("pref-dpo-unknown-field", ("train=dpo", "+train.dpo.bta=0.1"), "train.dpo.bta", "trl.DPOConfig"),
+    C("pref-dataset-without-path", ("train=dpo", "preferences.source=dataset"), "preferences.path"),
+    C("pref-dataset-missing-field", ("train=dpo", "preferences.source=dataset",
+                                     "preferences.path='<BAD>/preferences/missing_rejected.jsonl'"),
+      "missing_rejected.jsonl", "line 2", "'rejected'"),
+    C("pref-dataset-folder-missing-column", ("train=dpo", "preferences.source=dataset",
+                                             "preferences.path='<WORK>/pairs'"),
+      "<WORK>/pairs", "'chosen'", setup=_pairs_without_chosen),
+    C("pref-labeller-options-same-token", ("train=dpo", "preferences=ai_feedback", "probes.suite='<MINI>'",
+                                           "model.name_or_path='<WORK>/tok_model'"),
+      "cannot tell options 'A' and 'B' apart", "preferences.options", setup=_tokenizer_only_model),
     # ---- model (a valid probe suite, so that model resolution is reached)
     C("model-missing-folder", ("probes.suite='<MINI>'", "model.name_or_path=./nope/model"), "./nope/model"),
     C("model-folder-without-config", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/model_no_config'"),

@@ -19,7 +19,7 @@ def test_every_experiment_composes_and_validates(experiment):
     assert cfg.generations >= 1
 
 
-@pytest.mark.parametrize("group", ["constitution", "model", "sampler", "train", "probes", "prompts"])
+@pytest.mark.parametrize("group", ["constitution", "model", "sampler", "train", "probes", "prompts", "preferences"])
 def test_every_group_option_composes(group):
     for option in _options(group):
         validate(compose([f"{group}={option}"]))
@@ -66,3 +66,28 @@ def test_drift_config_composes_and_requires_its_paths():
     validate_monitor(cfg.monitor)
     assert list(cfg.candidates) == ["b", "c"] and cfg.probes.max_items_per_dimension == 8
     assert OmegaConf.is_missing(missing, "reference") and OmegaConf.is_missing(missing, "out")
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("preferences.min_margin=1.5", "preferences.min_margin=1.5"),
+    ("preferences.min_margin=-0.1", "preferences.min_margin=-0.1"),
+    ("preferences.responses=1", "preferences.responses=1"),
+    ("preferences.principles=0", "preferences.principles=0"),
+    ("preferences.clamp_low=0.7", "preferences.clamp_low=0.7"),
+    ("preferences.source=human", "preferences.source=human"),
+    ("train.method=rlhf", "train.method=rlhf"),
+    ("+train.dpo.bta=0.1", "train.dpo.bta: not a field of trl.DPOConfig"),
+])
+def test_preference_and_dpo_settings_are_checked(override, culprit):
+    from selftrain import UserError
+
+    cfg = compose(["train=dpo", "preferences=ai_feedback", override])
+    with pytest.raises(UserError) as e:
+        validate(cfg)
+    assert culprit in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sft_dpo_holds_both_trl_configs():
+    cfg = compose(["train=sft_dpo"])
+    validate(cfg)
+    assert cfg.train.method == "sft_dpo" and cfg.train.sft.learning_rate > 0 and cfg.train.dpo.beta > 0

@@ -1,4 +1,6 @@
 """The hf sampler: order preserved across length-sorted batches, left padding, seeded."""
+import math
+
 import pytest
 
 from selftrain.models import load_model, load_tokenizer
@@ -32,3 +34,37 @@ def test_sampling_is_seeded(sampler_parts):
     b = s.chat(CONVS, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1))
     c = s.chat(CONVS, SamplingParams(max_new_tokens=8, temperature=1.0, seed=2))
     assert a == b and a != c
+
+
+def _hand_logprobs(model, tok, text: str, options):
+    """Unbatched, unpadded forward over the rendered text; log-softmax of the last logits."""
+    import torch
+
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1].double()
+    logp = logits - torch.logsumexp(logits, dim=-1)
+    return [float(logp[tok.encode(o, add_special_tokens=False)[0]]) for o in options]
+
+
+def test_option_logprobs_match_hand_computation(sampler_parts):
+    model, tok = sampler_parts
+    convs = [CONVS[1] + [{"role": "assistant", "content": "The answer is ("}],  # continued
+             CONVS[0],  # assistant turn opened
+             CONVS[3] + [{"role": "assistant", "content": "I think (A"}]]
+    got = HFSampler(model, tok, batch_size=2).option_logprobs(convs, ["A", "B", "(A)"])
+    texts = [tok.apply_chat_template(convs[0], tokenize=False, continue_final_message=True),
+             tok.apply_chat_template(convs[1], tokenize=False, add_generation_prompt=True),
+             tok.apply_chat_template(convs[2], tokenize=False, continue_final_message=True)]
+    assert texts[0].endswith("The answer is (") and texts[1].endswith("<|im_start|>assistant\n")
+    for g, text in zip(got, texts):
+        want = _hand_logprobs(model, tok, text, ["A", "B", "(A)"])
+        assert g == pytest.approx(want, abs=1e-4)
+        assert all(v < 0 for v in g) and sum(math.exp(v) for v in g) < 1  # full vocabulary, not renormalised
+
+
+def test_option_logprobs_refuse_options_sharing_a_first_token(sampler_parts):
+    from selftrain import UserError
+
+    with pytest.raises(UserError, match="cannot tell options 'Yes' and 'Yes, really' apart"):
+        HFSampler(*sampler_parts).option_logprobs(CONVS[:1], ["Yes", "Yes, really"])

@@ -38,3 +38,77 @@ def test_training_changes_weights(tiny_model, sft_data, tmp_path, lora):
         assert all(any(m in k for m in ("proj",)) for k in changed)
     assert (tmp_path / "work" / "train_log.json").is_file()
     assert not (out.parent / ".model.tmp").exists()
+
+
+@pytest.fixture
+def pref_data(tmp_path):
+    rows = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"A careful, honest answer number {i}."}],
+             "rejected": [{"role": "assistant", "content": f"No. Go away {i}."}], "label": 0.7, "margin": 0.4}
+            for i in range(6)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "preference"))
+    return tmp_path / "preference"
+
+
+def _changed(tiny_model, out):
+    before = load_file(str(Path(tiny_model) / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert set(before) == set(after)
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_changes_weights_and_logs_rewards(tiny_model, pref_data, tmp_path, lora):
+    import json
+
+    from selftrain.train import train_dpo
+
+    cfg = compose([f"model.name_or_path={tiny_model}", "train=dpo", "train.dpo.learning_rate=1e-2",
+                   "train.dpo.per_device_train_batch_size=2", f"train.lora.enabled={lora}", "train.lora.r=4"])
+    out = tmp_path / "gen-001" / "model"
+    stats = train_dpo(str(tiny_model), pref_data, out, cfg.train, cfg.model, seed=0, work_dir=tmp_path / "work")
+    assert stats["steps"] == 3 and stats["rows"] == 6 and stats["reference"] == str(tiny_model)
+    assert not (out / "adapter_config.json").exists()
+    changed = _changed(tiny_model, out)
+    assert changed and stats["relative_l2"] > 0
+    if lora:
+        assert all("proj" in k for k in changed)
+    logs = json.loads((tmp_path / "work" / "train_log.json").read_text())
+    margins = [r["rewards/margins"] for r in logs if "rewards/margins" in r]
+    assert len(margins) == 3 and stats["reward_margin_last"] == margins[-1]
+    assert 0 <= stats["reward_accuracy_mean"] <= 1
+    # step 1: the policy equals the reference (generation k), so its reward margin is zero
+    assert margins[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_sft_then_dpo(tiny_model, pref_data, sft_data, tmp_path):
+    import shutil
+
+    from selftrain.train import train_sft_dpo
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copytree(sft_data, data / "sft")
+    shutil.copytree(pref_data, data / "preference")
+    cfg = compose([f"model.name_or_path={tiny_model}", "train=sft_dpo", "train.dpo.learning_rate=1e-2",
+                   "train.sft.learning_rate=1e-2", "train.sft.per_device_train_batch_size=3",
+                   "train.dpo.per_device_train_batch_size=3"])
+    out = tmp_path / "gen-001" / "model"
+    stats = train_sft_dpo(str(tiny_model), data, out, cfg.train, cfg.model, seed=0, work_dir=tmp_path / "work")
+    assert stats["method"] == "sft_dpo" and stats["sft"]["steps"] == 2 and stats["steps"] == 2
+    assert stats["reference"] == str(tmp_path / "work" / "sft_model")  # DPO starts from the SFT model
+    assert not (tmp_path / "work" / "sft_model").exists()
+    assert _changed(tiny_model, out) and stats["relative_l2"] > 0
+    assert (tmp_path / "work" / "sft" / "train_log.json").is_file()
+    assert (tmp_path / "work" / "train_log.json").is_file()
+
+
+def test_dpo_names_missing_field(tiny_model, tmp_path):
+    from selftrain import UserError
+    from selftrain.train import train_dpo
+
+    Dataset.from_list([{"prompt": [{"role": "user", "content": "Hi"}],
+                        "chosen": [{"role": "assistant", "content": "Hello"}]}]).save_to_disk(str(tmp_path / "p"))
+    cfg = compose([f"model.name_or_path={tiny_model}", "train=dpo"])
+    with pytest.raises(UserError, match="no 'rejected' field"):
+        train_dpo(str(tiny_model), tmp_path / "p", tmp_path / "m", cfg.train, cfg.model, seed=0, work_dir=tmp_path)

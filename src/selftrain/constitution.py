@@ -30,6 +30,7 @@ class Principle:
     critique: str  # the critique request
     revision: str  # the revision request
     title: str = ""
+    text: str = ""  # a values section's own text (empty for rules); the AI-feedback labeller quotes it
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def _sections(file: Path, meta: dict, body: str) -> tuple[list[Principle], str]:
         if not text:
             raise UserError(f"{file}: section '{sid}' is empty")
         out.append(Principle(sid, templates["critique_request"].replace("{section}", text),
-                             templates["revision_request"].replace("{section}", text), title))
+                             templates["revision_request"].replace("{section}", text), title, text))
     return out, "\n".join(preamble).strip()
 
 

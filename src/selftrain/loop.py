@@ -31,11 +31,12 @@ from .prompts import load_prompts, prompts_hash
 from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_json, read_jsonl, read_manifest,
                       sha256_tree, write_jsonl)
 from .report import generation_report
+from .preferences import load_user_preferences
 from .resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target, graceful_interrupts,
                      parse_force, start_over, verify_outputs)
-from .sample import HFSampler, SamplingParams, sample_stage
+from .sample import HFSampler, SamplingParams, option_first_tokens, sample_stage
 from .schema import monitor_settings, validate
-from .train import sft_config, train_sft
+from .train import dpo_config, sft_config, train_generation, uses_dpo
 
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "guard")
@@ -147,12 +148,20 @@ def run(cfg, run_dir: Path) -> dict:
     datasets.disable_progress_bars()  # one bar per stage is ours; datasets' save/map bars are noise
     run_dir = Path(run_dir)
     validate(cfg)
+    if uses_dpo(cfg.train.method) and cfg.preferences.source == "dataset":
+        load_user_preferences(cfg.preferences.path)  # a missing field fails here, before any model loads
     constitution = Constitution.load(cfg.constitution.path)
     prompts = load_prompts(cfg.prompts, cfg.seed)
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
+    if uses_dpo(cfg.train.method):
+        dpo_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)
+        if _labels(cfg) and cfg.preferences.source == "ai_feedback":  # the labeller's tokenizer must tell options apart
+            labeller = models.resolve(cfg.preferences.labeller) if cfg.preferences.labeller else base
+            option_first_tokens(models.load_tokenizer(labeller, cfg.model.trust_remote_code),
+                                list(cfg.preferences.options))
 
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -324,12 +333,19 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
         shutil.rmtree(chunks, ignore_errors=True)
         gen.release()
         if gen.todo("data"):
-            with m.stage("data", outputs=[gen.dir / "data" / "sft", gen.dir / "data" / "preference"]) as counts:
+            # with a label stage, data/preference is that stage's output (it replaces the revision pairs)
+            data_out = [gen.dir / "data" / "sft"] + ([] if _labels(cfg) else [gen.dir / "data" / "preference"])
+            with m.stage("data", outputs=data_out) as counts:
                 counts.update(build_datasets(read_jsonl(gen.dir / "critiques.jsonl"), gen.dir / "data",
                                              cfg.data.min_words, cfg.data.max_top_trigram_share))
                 if counts["kept"] == 0:
                     raise UserError(f"generation {k}: every revision was dropped ({counts}); "
                                     "raise critique.revision_max_new_tokens or check the model")
+        if _labels(cfg) and gen.todo("label"):
+            # the labelled pairs replace the data stage's revision pairs in data/preference
+            with m.stage("label", outputs=[gen.dir / "data" / "preference"],
+                         optional=[gen.dir / "preferences.jsonl"]) as counts:
+                counts.update(_label(cfg, gen, constitution))
         if gen.todo("guard"):
             with m.stage("guard") as counts:
                 counts["texts_checked"] = guard.check(gen.dir / "data", probe_texts)
@@ -337,8 +353,8 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
         if gen.todo("train"):
             next_model = gen_dir(run_dir, k + 1) / "model"
             with m.stage("train", outputs=[next_model, gen.dir / "train" / "train_log.json"]) as counts:
-                counts.update(train_sft(gen.model_path, gen.dir / "data" / "sft", next_model,
-                                        cfg.train, cfg.model, seed=cfg.seed + k, work_dir=gen.dir / "train"))
+                counts.update(train_generation(cfg.train.method, gen.model_path, gen.dir / "data", next_model,
+                                               cfg.train, cfg.model, seed=cfg.seed + k, work_dir=gen.dir / "train"))
     gen.release()
     stages = m.data["stages"]
     total = sum(s.get("seconds", 0) for s in stages.values())
@@ -346,3 +362,44 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
     m.update(status="done", wall_s=round(time.perf_counter() - t0, 3),
              monitor_s=round(monitor, 3), monitor_fraction=round(monitor / total, 4) if total else None)
     return None
+
+
+def _labels(cfg) -> bool:
+    """The label stage runs when DPO trains on AI-feedback or user-supplied preferences."""
+    return cfg.preferences.source in ("ai_feedback", "dataset") and uses_dpo(cfg.train.method)
+
+
+def _label(cfg, gen: Generation, constitution) -> dict:
+    """AI-feedback labels for generation k's prompts: model k samples, the labeller compares.
+    With source=dataset, the user's pairs are copied into data/preference instead."""
+    from datasets import Dataset
+
+    from .feedback import label_stage
+    from .records import atomic_dir
+
+    pref, k = cfg.preferences, gen.k
+    if pref.source == "dataset":
+        rows, digest = load_user_preferences(pref.path)
+        with atomic_dir(gen.dir / "data" / "preference") as tmp:
+            Dataset.from_list(rows).save_to_disk(str(tmp))
+        return {"source": "dataset", "path": pref.path, "sha256": digest, "pairs": len(rows), "kept": len(rows)}
+    sampler = HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
+    if pref.labeller:
+        path = models.resolve(pref.labeller)
+        labeller = HFSampler(models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code),
+                             models.load_tokenizer(path, cfg.model.trust_remote_code), batch_size=pref.batch_size)
+        who = {"source": "preferences.labeller", "path": path,
+               "sha256": sha256_tree(Path(path)) if Path(path).exists() else None}
+    else:
+        labeller = HFSampler(*gen.model(), batch_size=pref.batch_size)
+        who = {"source": f"model k (gen-{k:03d})", "path": gen.model_path, "sha256": gen.manifest.data.get("model_sha256")}
+    t0 = time.perf_counter()
+    counts = label_stage(sampler, labeller, constitution, read_jsonl(gen.dir / "samples.jsonl"), pref,
+                         _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k + 3),
+                         _params(cfg, pref.cot_max_new_tokens, cfg.seed * 100 + k + 4), seed=cfg.seed + k,
+                         gen_dir=gen.dir)
+    if counts["kept"] == 0:
+        raise UserError(f"generation {k}: every preference pair was dropped ({counts['dropped_identical']} identical, "
+                        f"{counts['dropped_margin']} below preferences.min_margin={pref.min_margin})")
+    gen.release()
+    return {**counts, "labeller": who, "seconds_labelling": round(time.perf_counter() - t0, 3)}

@@ -146,6 +146,7 @@ def generation_report(run_dir: Path, k: int, settings: dict) -> dict:
     rep["run"] = str(run_dir)
     rep["examples"] = examples(run_dir, k)
     rep["stage_timings"] = stage_timings(run_dir, k)
+    rep["training"] = training_section(run_dir, k)
     write_report(rep, gen_dir(run_dir, k) / "drift")
     write_index(run_dir)
     return rep
@@ -371,8 +372,9 @@ def render_markdown(rep: dict) -> str:
         lines += ["", "## Answer bias", "", "Mean P(\"Yes\" or \"(A)\") over answer-option items regardless of "
                   "polarity: a shift here is answer bias, not values (polarity balance cancels it in the scores).", ""]
         lines += [f"- {g}: {b:.3f}" for g, b in rep["answer_bias"].items()]
-    lines += _examples_markdown(rep.get("examples") or {})
     lines += _timings_markdown(rep.get("stage_timings"))
+    lines += training_markdown(rep.get("training") or [])
+    lines += _examples_markdown(rep.get("examples") or {})
     return "\n".join(lines) + "\n"
 
 
@@ -482,6 +484,144 @@ def render_html(rep: dict) -> str:
                  and rep["collapse"][n]["values"].get(m) is not None else None for n in names]
             body.append(svg_chart(m, {m: s}, width=260, height=160))
         body.append("</div>")
+    body.append(training_html(rep.get("training") or []))
     body.append(_examples_html(rep.get("examples") or {}))
     body.append("<h2>Details</h2><pre>" + e(render_markdown({**rep, "examples": {}})) + "</pre>")
     return _page(rep["title"] or "Drift report", "".join(body))
+
+
+# ---------------------------------------------------------------- preference data and training
+
+MARGIN_BINS = 10  # margin |2p - 1| histogram: ten bins of width 0.1 over [0, 1]
+
+
+def training_section(run_dir: Path, k: int) -> list[dict]:
+    """How each generation up to k was made: for every trained gen-j (j < k), its training method,
+    preference data (pairs, kept, dropped, mean label, margin histogram) and DPO's logged reward
+    margins and accuracies, read from gen-j/manifest.json, gen-j/preferences.jsonl and
+    gen-j/train/train_log.json."""
+    out = []
+    for j in range(k):
+        g = gen_dir(run_dir, j)
+        stages = (_maybe(g / "manifest.json") or {}).get("stages", {})
+        train = stages.get("train", {}).get("counts")
+        if not train:
+            continue
+        entry = {"from": f"gen-{j:03d}", "to": f"gen-{j + 1:03d}", "method": train.get("method", "sft"),
+                 "relative_l2": train.get("relative_l2")}
+        label = stages.get("label", {}).get("counts")
+        if (g / "preferences.jsonl").is_file():
+            recs = [json.loads(line) for line in open(g / "preferences.jsonl") if line.strip()]
+            kept = [r for r in recs if r["kept"]]
+            hist = [0] * MARGIN_BINS
+            for r in recs:
+                hist[min(int(r["margin"] * MARGIN_BINS), MARGIN_BINS - 1)] += 1
+            entry["preferences"] = {
+                "source": "ai_feedback", "pairs": (label or {}).get("pairs", len(recs)), "kept": len(kept),
+                "dropped_identical": (label or {}).get("dropped_identical"),
+                "dropped_margin": len(recs) - len(kept),
+                "mean_label": sum(r["label"] for r in kept) / len(kept) if kept else None,
+                "margin_histogram": hist, "labeller": (label or {}).get("labeller", {}).get("source"),
+                "labeller_cost": (label or {}).get("labeller_cost")}
+        elif label:
+            entry["preferences"] = {"source": label.get("source"), "pairs": label.get("pairs"),
+                                    "kept": label.get("kept")}
+        elif entry["method"] != "sft":
+            data = stages.get("data", {}).get("counts", {})
+            entry["preferences"] = {"source": "revision", "pairs": data.get("records"), "kept": data.get("kept")}
+        logs = _maybe(g / "train" / "train_log.json") or []
+        steps = [r for r in logs if "rewards/margins" in r]
+        if steps:
+            entry["dpo"] = {"steps": [r.get("step") for r in steps],
+                            "reward_margins": [r["rewards/margins"] for r in steps],
+                            "reward_accuracies": [r.get("rewards/accuracies") for r in steps],
+                            "losses": [r.get("loss") for r in steps]}
+        out.append(entry)
+    return out
+
+
+def training_markdown(training: list[dict]) -> list[str]:
+    if not training:
+        return []
+    lines = ["", "## How each generation was trained", "",
+             "| step | method | pairs | kept | dropped | mean label | DPO reward margin (last) | "
+             "DPO reward accuracy (mean) | weight change |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in training:
+        p, d = t.get("preferences") or {}, t.get("dpo") or {}
+        dropped = None if not p or p.get("pairs") is None or p.get("kept") is None else p["pairs"] - p["kept"]
+        acc = [a for a in d.get("reward_accuracies", []) if a is not None]
+        lines.append(f"| {t['from']} → {t['to']} | {t['method']} | {p.get('pairs', '–')} | {p.get('kept', '–')} | "
+                     f"{'–' if dropped is None else dropped} | {_f(p.get('mean_label'))} | "
+                     f"{_f(d['reward_margins'][-1], sign=True) if d else '–'} | "
+                     f"{_f(sum(acc) / len(acc)) if acc else '–'} | {_f(t.get('relative_l2'), 4)} |")
+    for t in training:
+        p = t.get("preferences") or {}
+        if p.get("margin_histogram"):
+            lines += ["", f"Label margins |2p − 1| of {t['from']}'s AI-feedback pairs (bins of 0.1 from 0 to 1; "
+                      f"labeller: {p.get('labeller')}, {(p.get('labeller_cost') or {}).get('forward_passes_per_pair')} "
+                      f"forward passes per pair): {p['margin_histogram']}"]
+    return lines
+
+
+def svg_steps(title: str, series: dict[str, list], width=340, height=200) -> str:
+    """Lines over training steps (x = step index), for logged DPO metrics."""
+    pts = [v for s in series.values() for v in s if v is not None]
+    if not pts:
+        return ""
+    lo, hi = min(pts + [0.0]), max(pts)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(len(s) for s in series.values())
+    L, R, T, B = 40, 10, 22, 24
+    X = lambda i: L + (width - L - R) * (i / max(n - 1, 1))  # noqa: E731
+    Y = lambda v: T + (height - T - B) * (1 - (v - lo) / (hi - lo))  # noqa: E731
+    out = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>",
+           f"<text x='{L}' y='14' font-size='12'>{html.escape(title)}</text>",
+           f"<text x='2' y='{Y(hi) + 4:.1f}' font-size='9'>{hi:.2f}</text>",
+           f"<text x='2' y='{Y(lo) + 4:.1f}' font-size='9'>{lo:.2f}</text>",
+           f"<line x1='{L}' x2='{width - R}' y1='{Y(0.0):.1f}' y2='{Y(0.0):.1f}' stroke='#bbb'/>",
+           f"<text x='{width / 2:.0f}' y='{height - 8}' font-size='9'>step 1 … {n}</text>"]
+    for c, (name, s) in enumerate(series.items()):
+        col = _COLORS[c % len(_COLORS)]
+        line = [f"{X(i):.1f},{Y(v):.1f}" for i, v in enumerate(s) if v is not None]
+        if len(line) > 1:
+            out.append(f"<polyline fill='none' stroke='{col}' stroke-width='1.5' points='{' '.join(line)}'/>")
+        out += [f"<circle cx='{X(i):.1f}' cy='{Y(v):.1f}' r='2' fill='{col}'/>" for i, v in enumerate(s)
+                if v is not None]
+        out.append(f"<text x='{width - R - 110}' y='{T + 10 + 11 * c}' font-size='9' fill='{col}'>"
+                   f"{html.escape(name[:22])}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def svg_bars(title: str, counts: list[int], width=260, height=160) -> str:
+    """A histogram of margins over [0, 1]."""
+    top = max(counts + [1])
+    L, R, T, B = 24, 8, 22, 24
+    w = (width - L - R) / len(counts)
+    out = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>",
+           f"<text x='{L}' y='14' font-size='12'>{html.escape(title)}</text>",
+           f"<text x='{L}' y='{height - 8}' font-size='9'>0</text>",
+           f"<text x='{width - R - 8}' y='{height - 8}' font-size='9'>1</text>",
+           f"<text x='2' y='{T + 8}' font-size='9'>{top}</text>"]
+    for i, c in enumerate(counts):
+        h = (height - T - B) * c / top
+        out.append(f"<rect x='{L + i * w + 1:.1f}' y='{height - B - h:.1f}' width='{w - 2:.1f}' height='{h:.1f}' "
+                   f"fill='{_COLORS[0]}'/>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def training_html(training: list[dict]) -> str:
+    if not training:
+        return ""
+    body = ["<h2>How each generation was trained</h2><div class='charts'>"]
+    for t in training:
+        p, d = t.get("preferences") or {}, t.get("dpo")
+        if p.get("margin_histogram"):
+            body.append(svg_bars(f"{t['from']} label margins |2p−1|", p["margin_histogram"]))
+        if d:
+            body.append(svg_steps(f"{t['from']} → {t['to']} DPO ({t['method']})",
+                                  {"reward margin": d["reward_margins"], "reward accuracy": d["reward_accuracies"]}))
+    body.append("</div>")
+    return "".join(body)

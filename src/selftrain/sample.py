@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import UserError
 from .resume import chunk_params, run_chunks
 
 Conversation = list[dict]
@@ -36,6 +37,12 @@ class Sampler(Protocol):
              desc: str = "sampling") -> list[str]: ...
 
     def describe(self) -> dict: ...
+
+    def option_logprobs(self, conversations: Sequence[Conversation], options: Sequence[str]) -> list[list[float]]:
+        """Per conversation, the natural-log probability of each option's first token at the next
+        position (full-vocabulary log-softmax, not renormalised over the options). A conversation
+        ending with an assistant message is continued; otherwise the assistant turn is opened."""
+        ...
 
 
 class HFSampler:
@@ -172,6 +179,52 @@ class HFSampler:
         self.stats["prefix_tokens_reused"] += n_prefix * (len(ids) - 1)
         bar.close()
         return out
+
+
+    def _render_open(self, conversation: Conversation) -> str:
+        """The conversation as text ending where the next assistant token goes."""
+        if conversation and conversation[-1]["role"] == "assistant":
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False,
+                                                      continue_final_message=True)
+        return self.render(conversation)
+
+    @torch.inference_mode()
+    def option_logprobs(self, conversations, options):
+        from .probes.behavioural import left_padded
+
+        firsts = option_first_tokens(self.tokenizer, options)
+        tok = self.tokenizer
+        seqs = [tok(self._render_open(c), add_special_tokens=False)["input_ids"] for c in conversations]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out: list[list[float]] = [[] for _ in seqs]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        index = torch.tensor(firsts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            ids, mask, pos = left_padded([seqs[i] for i in idx], pad)
+            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                position_ids=pos.to(self.model.device), logits_to_keep=1).logits[:, -1, :]
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, index.to(logits.device)].cpu()
+            for r, i in enumerate(idx):
+                out[i] = [float(v) for v in logp[r]]
+        return out
+
+
+def option_first_tokens(tokenizer, options: Sequence[str]) -> list[int]:
+    """Each option's first token id; a UserError when two options share one or an option is empty."""
+    firsts: list[int] = []
+    for o in options:
+        ids = tokenizer.encode(o, add_special_tokens=False)
+        if not ids:
+            raise UserError(f"labeller tokenizer maps option {o!r} to no tokens; set other preferences.options")
+        firsts.append(ids[0])
+    for i in range(len(options)):
+        for j in range(i):
+            if firsts[i] == firsts[j]:
+                raise UserError(f"labeller tokenizer cannot tell options {options[j]!r} and {options[i]!r} apart: "
+                                f"both start with token {firsts[i]} "
+                                f"({tokenizer.convert_ids_to_tokens(firsts[i])!r}); set other preferences.options")
+    return firsts
 
 
 def sample_stage(sampler: Sampler, prompts, params: SamplingParams, chunk_dir: Path | None = None,

@@ -103,11 +103,44 @@ class LoraConfig:
                                                     "gate_proj", "up_proj", "down_proj"])
 
 
+TRAIN_METHODS = ("sft", "dpo", "sft_dpo")
+
+
 @dataclass
 class TrainConfig:
-    method: str = _f("sft", "Training of generation k+1: sft.")
+    method: str = _f("sft", "Training of generation k+1: sft (on data/sft), dpo (TRL DPOTrainer on "
+                            "data/preference, reference = generation k) or sft_dpo (SFT, then DPO from the SFT model).")
     lora: LoraConfig = _f(help="peft LoRA settings.", factory=LoraConfig)
     sft: Dict[str, Any] = _f(help="TRL SFTConfig fields, by TRL's own names (see TRL's docs).", factory=dict)
+    dpo: Dict[str, Any] = _f(help="TRL DPOConfig fields, by TRL's own names (beta, loss_type, learning_rate, ...).",
+                             factory=dict)
+
+
+PREFERENCE_SOURCES = ("revision", "ai_feedback", "dataset")
+
+
+@dataclass
+class PreferencesConfig:
+    source: str = _f("revision", "Where preference pairs come from: revision (chosen = final revision, rejected = "
+                                 "initial response), ai_feedback (a labeller compares sampled responses) or dataset "
+                                 "(the user's pairs at `path`, the same for every generation).")
+    path: Optional[str] = _f(None, "source=dataset: a JSONL file or a datasets.save_to_disk folder with prompt, "
+                                   "chosen, rejected (strings or chat messages).")
+    responses: int = _f(2, "ai_feedback: responses sampled from model k per prompt (seeded); every pair is labelled.")
+    principles: int = _f(2, "ai_feedback: principles (rules) or sections (values) drawn per pair, seeded by "
+                            "(seed, prompt id, j); the soft label is the mean over them.")
+    debias: bool = _f(True, "Ask with both option orders and average, so swapping the two responses turns p into 1-p.")
+    options: List[str] = _f(help="The two option strings read after `answer_prefix`; only their first tokens count, "
+                                 "which must differ under the labeller's tokenizer.", factory=lambda: ["A", "B"])
+    answer_prefix: str = _f("The answer is (", "Start of the labeller's reply; the option token comes next.")
+    chain_of_thought: bool = _f(False, "Sample the labeller's reasoning before reading the choice (then clamp).")
+    cot_max_new_tokens: int = _f(64, "Token budget of the chain-of-thought reasoning.")
+    clamp_low: float = _f(0.4, "With chain_of_thought: per-principle probabilities are clamped to [clamp_low, "
+                               "clamp_high]; CoT makes them overconfident, and Bai et al. 2022 clamped to 40-60%.")
+    clamp_high: float = _f(0.6, "Upper end of that clamp.")
+    min_margin: float = _f(0.0, "Drop pairs whose margin |2p-1| (0 = undecided, 1 = certain) is below this; in [0, 1].")
+    labeller: Optional[str] = _f(None, "Labeller checkpoint (folder, hub id or embedded:...); null uses model k.")
+    batch_size: int = _f(8, "Conversations per labeller forward pass.")
 
 
 @dataclass
@@ -161,6 +194,7 @@ class SelftrainConfig:
     critique: CritiqueConfig = _f(factory=CritiqueConfig, help="Critique and revision rounds.")
     data: DataConfig = _f(factory=DataConfig, help="Filters applied when building training data.")
     train: TrainConfig = _f(factory=TrainConfig, help="How generation k+1 is trained.")
+    preferences: PreferencesConfig = _f(factory=PreferencesConfig, help="Where preference pairs come from.")
     probes: ProbesConfig = _f(factory=ProbesConfig, help="The held-out value probes.")
     monitor: MonitorConfig = _f(factory=MonitorConfig, help="Drift statistics and alert levels.")
     generations: int = _f(2, "Rounds of self-training; generations 0..G are all probed.")
@@ -226,14 +260,37 @@ def validate(cfg: Any) -> None:
         need((src.path is None) != (src.hf is None),
              f"prompts.sources[{i}] ({src.name}): set exactly one of `path` and `hf`")
         need(src.n is None or src.n >= 1, f"prompts.sources[{i}].n={src.n}: must be at least 1 or null")
-    need(cfg.train.method == "sft", f"train.method={cfg.train.method}: only 'sft' is available")
+    need(cfg.train.method in TRAIN_METHODS,
+         f"train.method={cfg.train.method}: must be one of {', '.join(TRAIN_METHODS)}")
+    validate_preferences(cfg.preferences)
     validate_monitor(cfg.monitor)
     need(cfg.probes.max_items_per_dimension is None or cfg.probes.max_items_per_dimension >= 2,
          "probes.max_items_per_dimension must be at least 2 or null")
     check_trl_fields("train.sft", dict(cfg.train.sft), "SFTConfig")
+    check_trl_fields("train.dpo", dict(cfg.train.dpo), "DPOConfig")
     from .resume import parse_force
 
     parse_force(cfg.force_stage, cfg.generations)
+
+
+def validate_preferences(p: Any) -> None:
+    """Ranges of the preferences group; one UserError naming the key and value."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    need(p.source in PREFERENCE_SOURCES,
+         f"preferences.source={p.source}: must be one of {', '.join(PREFERENCE_SOURCES)}")
+    need(p.source != "dataset" or bool(p.path), "preferences.path: must be set when preferences.source=dataset")
+    need(0 <= p.min_margin <= 1, f"preferences.min_margin={p.min_margin}: must be in [0, 1]")
+    need(0 <= p.clamp_low <= 0.5 <= p.clamp_high <= 1,
+         f"preferences.clamp_low={p.clamp_low}, clamp_high={p.clamp_high}: need 0 <= clamp_low <= 0.5 <= clamp_high <= 1")
+    need(p.responses >= 2, f"preferences.responses={p.responses}: must be at least 2 (a pair)")
+    need(p.principles >= 1, f"preferences.principles={p.principles}: must be at least 1")
+    need(len(p.options) == 2 and all(isinstance(o, str) and o for o in p.options),
+         f"preferences.options={list(p.options)}: must be two non-empty strings")
+    need(p.cot_max_new_tokens >= 1, f"preferences.cot_max_new_tokens={p.cot_max_new_tokens}: must be at least 1")
+    need(p.batch_size >= 1, f"preferences.batch_size={p.batch_size}: must be at least 1")
 
 
 def _no_unknown_keys(cfg: Any, schema: type, prefix: str = "") -> None:
