@@ -26,9 +26,11 @@ from .prompts import load_prompts, prompts_hash
 from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_json, read_jsonl, sha256_tree,
                       write_jsonl)
 from .report import generation_report
-from .sample import HFSampler, SamplingParams, sample_stage
+from .sample import SamplingParams, sample_stage
 from .schema import monitor_settings, validate
+from .serving import close_sampler, make_sampler, preflight
 from .train import sft_config, train_sft
+from .train_worker import launch
 
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "guard")
@@ -95,6 +97,7 @@ def run(cfg, run_dir: Path) -> dict:
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
+    preflight(cfg.sampler, base)  # engine installed, server up and serving gen-0, before any model loads
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -166,13 +169,13 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
         sampler = None
         if not m.stage_done("sample"):
             with m.stage("sample") as counts:
-                sampler = HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
+                sampler = make_sampler(cfg.sampler, gen.model, gen.model_path, cfg.model)
                 recs = sample_stage(sampler, prompts, _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k))
                 write_jsonl(gen.dir / "samples.jsonl", recs)
                 counts.update(prompts=len(recs), sampler=sampler.describe())
         if not m.stage_done("critique"):
             with m.stage("critique") as counts:
-                sampler = sampler or HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
+                sampler = sampler or make_sampler(cfg.sampler, gen.model, gen.model_path, cfg.model)
                 recs = critique_revise(
                     sampler, constitution, read_jsonl(gen.dir / "samples.jsonl"), cfg.critique.rounds,
                     cfg.constitution.fewshot,
@@ -184,6 +187,7 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
                     for rd in r["rounds"]:
                         usage[rd["principle"]] = usage.get(rd["principle"], 0) + 1
                 counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage)
+        close_sampler(sampler)
         gen.release()
         if not m.stage_done("data"):
             with m.stage("data") as counts:
@@ -198,8 +202,11 @@ def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, pro
                 counts["probe_texts"] = len(probe_texts)
         if not m.stage_done("train"):
             with m.stage("train") as counts:
-                counts.update(train_sft(gen.model_path, gen.dir / "data" / "sft", gen_dir(run_dir, k + 1) / "model",
-                                        cfg.train, cfg.model, seed=cfg.seed + k, work_dir=gen.dir / "train"))
+                args = dict(parent=gen.model_path, data_dir=gen.dir / "data" / "sft",
+                            out_model=gen_dir(run_dir, k + 1) / "model", train_cfg=cfg.train, model_cfg=cfg.model,
+                            seed=cfg.seed + k, work_dir=gen.dir / "train")
+                counts.update(train_sft(**args) if cfg.train.num_processes == 1 else
+                              launch("train_sft", cfg.train.num_processes, cfg.train.accelerate_config, **args))
     gen.release()
     stages = m.data["stages"]
     total = sum(s.get("seconds", 0) for s in stages.values())
