@@ -123,10 +123,10 @@ class TrainConfig:
     num_processes: int = _f(1, "Training processes. Above 1, the train stage runs `accelerate launch` as a "
                                "subprocess (one process per GPU, or gloo processes on CPU); the driver stays "
                                "single-process.")
-    accelerate_config: Optional[str] = _f(None, "accelerate config file for num_processes > 1; `builtin:accelerate/"
-                                                "deepspeed_zero3.yaml`, `builtin:accelerate/fsdp.yaml` or "
-                                                "`builtin:accelerate/cpu_multiprocess.yaml` name shipped ones. "
-                                                "null: cpu_multiprocess without GPUs, else multi-GPU data parallel.")
+    accelerate_config: Optional[str] = _f(None, "accelerate config file for num_processes > 1; "
+                                                "`builtin:conf/accelerate/NAME.yaml` names a shipped one "
+                                                "(cpu_multiprocess, deepspeed_zero3, fsdp). null: "
+                                                "cpu_multiprocess, plain data parallel (gloo on CPU, NCCL on GPUs).")
 
 
 @dataclass
@@ -232,6 +232,10 @@ def validate(cfg: Any) -> None:
         need(src.n is None or src.n >= 1, f"prompts.sources[{i}].n={src.n}: must be at least 1 or null")
     need(cfg.train.method == "sft", f"train.method={cfg.train.method}: only 'sft' is available")
     need(cfg.train.num_processes >= 1, f"train.num_processes={cfg.train.num_processes}: must be at least 1")
+    if cfg.train.num_processes > 1:
+        from .paths import resolve
+        from .train_worker import DEFAULT_CONFIG
+        resolve(cfg.train.accelerate_config or DEFAULT_CONFIG, "train.accelerate_config")
     validate_monitor(cfg.monitor)
     need(cfg.probes.max_items_per_dimension is None or cfg.probes.max_items_per_dimension >= 2,
          "probes.max_items_per_dimension must be at least 2 or null")
