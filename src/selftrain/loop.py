@@ -28,7 +28,7 @@ from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_j
 from .report import generation_report
 from .sample import SamplingParams, sample_stage
 from .schema import monitor_settings, validate
-from .serving import close_sampler, make_sampler, preflight
+from .serving import check_engine, close_sampler, make_sampler, preflight
 from .train import sft_config, train_sft
 from .train_worker import launch
 
@@ -92,12 +92,13 @@ def run(cfg, run_dir: Path) -> dict:
     datasets.disable_progress_bars()  # one bar per stage is ours; datasets' save/map bars are noise
     run_dir = Path(run_dir)
     validate(cfg)
+    check_engine(cfg.sampler)  # vllm installed, GPUs for tensor parallel: before any file is read
     constitution = Constitution.load(cfg.constitution.path)
     prompts = load_prompts(cfg.prompts, cfg.seed)
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
-    preflight(cfg.sampler, base)  # engine installed, server up and serving gen-0, before any model loads
+    preflight(cfg.sampler, base)  # the server answers and serves gen-0, before any model loads
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
 
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -247,7 +247,7 @@ _PENALTY_AS = ("repetition_penalty", "frequency_penalty", "none")
 
 
 def validate_sampler(s: Any, generations: int) -> None:
-    """Sampler keys; for vllm, the GPU count and the extra's presence (before any model loads)."""
+    """Sampler keys. What the machine offers (vllm installed, GPUs) is serving.check_engine's."""
     if s.backend not in _BACKENDS:
         raise UserError(f"sampler.backend={s.backend}: must be one of {', '.join(_BACKENDS)}")
     if s.backend == "openai":
@@ -272,8 +272,6 @@ def validate_sampler(s: Any, generations: int) -> None:
             raise UserError(f"sampler.gpu_memory_utilization={s.gpu_memory_utilization}: must be in (0, 1]")
         if s.max_model_len is not None and s.max_model_len < 1:
             raise UserError(f"sampler.max_model_len={s.max_model_len}: must be at least 1 or null")
-        from .serving import check_vllm
-        check_vllm(s.tensor_parallel_size)
 
 
 def _no_unknown_keys(cfg: Any, schema: type, prefix: str = "") -> None:

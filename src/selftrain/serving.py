@@ -359,12 +359,17 @@ def make_sampler(scfg, load_model_fn: Callable[[], tuple], model_path: str, mode
     raise UserError(f"sampler.backend={scfg.backend}: must be one of hf, openai, vllm")
 
 
-def preflight(scfg, base_model: str) -> None:
-    """Fail at start, not after generation 0's probes: the engine is installed, the server
-    answers and serves generation 0's model."""
+def check_engine(scfg) -> None:
+    """What the machine must offer the chosen engine: vllm installed, enough GPUs."""
     if scfg.backend == "vllm":
         check_vllm(scfg.tensor_parallel_size)
-    elif scfg.backend == "openai":
+
+
+def preflight(scfg, base_model: str) -> None:
+    """Fail at start, not after generation 0's probes: the server answers and serves
+    generation 0's model."""
+    check_engine(scfg)
+    if scfg.backend == "openai":
         make_sampler(scfg, lambda: (None, None), base_model)
 
 
