@@ -16,6 +16,7 @@ they write do not depend on the engine, and the stage manifest records `describe
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -114,7 +115,8 @@ class OpenAISampler:
                 if e.code not in _RETRY_STATUS:
                     raise UserError(f"sampler: {url} refused the request (HTTP {e.code}): {detail}") from None
                 reason = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as e:
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
+                    socket.timeout) as e:
                 reason = str(getattr(e, "reason", e)) or type(e).__name__
             except json.JSONDecodeError:
                 raise UserError(f"sampler: {url} did not answer with JSON; is sampler.base_url "
@@ -289,7 +291,7 @@ class VLLMSampler:
             cont = bool(conv) and conv[-1].get("role") == "assistant"
             ids = self.tokenizer.apply_chat_template(list(conv), tokenize=True, add_generation_prompt=not cont,
                                                      continue_final_message=cont)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
             prompts += [TokensPrompt(prompt_token_ids=ids + [t]) for t in firsts]
         sp = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         outs = self.llm.generate(prompts, sampling_params=sp, use_tqdm=False)
