@@ -36,7 +36,9 @@ from .resume import (Interrupted, apply_force, check_chunks, check_interrupt, fo
                      parse_force, start_over, verify_outputs)
 from .sample import HFSampler, SamplingParams, option_first_tokens, sample_stage
 from .schema import monitor_settings, validate
+from .serving import check_engine, close_sampler, make_sampler, preflight
 from .train import dpo_config, sft_config, train_generation, uses_dpo
+from .train_worker import launch
 
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "guard")
@@ -93,6 +95,12 @@ class LazySampler:
     def describe(self) -> dict:
         return self._sampler.describe() if self._sampler is not None else {"loaded": False}
 
+    def option_logprobs(self, conversations, options):
+        return self._get().option_logprobs(conversations, options)
+
+    def close(self) -> None:
+        close_sampler(self._sampler)
+
     def take_stats(self) -> dict:
         """Token counts and generate seconds since the last call (empty if nothing was sampled)."""
         take = getattr(self._sampler, "take_stats", None)
@@ -105,10 +113,9 @@ def _params(cfg, max_new_tokens: int, seed: int) -> SamplingParams:
                           repetition_penalty=s.repetition_penalty, seed=seed)
 
 
-def _sampler(cfg, gen: Generation) -> HFSampler:
-    s = cfg.sampler
-    return HFSampler(*gen.model(), batch_size=s.batch_size, prefix_cache=s.prefix_cache,
-                     max_batch_tokens=s.max_batch_tokens)
+def _sampler(cfg, gen: Generation):
+    """The engine `sampler.backend` names; only hf loads generation k's weights into this process."""
+    return make_sampler(cfg.sampler, gen.model, gen.model_path, cfg.model)
 
 
 def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
@@ -148,6 +155,7 @@ def run(cfg, run_dir: Path) -> dict:
     datasets.disable_progress_bars()  # one bar per stage is ours; datasets' save/map bars are noise
     run_dir = Path(run_dir)
     validate(cfg)
+    check_engine(cfg.sampler)  # vllm installed, GPUs for tensor parallel: before any file is read
     if uses_dpo(cfg.train.method) and cfg.preferences.source == "dataset":
         load_user_preferences(cfg.preferences.path)  # a missing field fails here, before any model loads
     constitution = Constitution.load(cfg.constitution.path)
@@ -155,6 +163,7 @@ def run(cfg, run_dir: Path) -> dict:
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
     base = models.resolve(cfg.model.name_or_path)
+    preflight(cfg.sampler, base)  # the server answers and serves gen-0, before any model loads
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
     if uses_dpo(cfg.train.method):
         dpo_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)
@@ -331,6 +340,7 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
                 counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage,
                               sampler=sampler.describe(), **sampler.take_stats())
         shutil.rmtree(chunks, ignore_errors=True)
+        close_sampler(sampler)
         gen.release()
         if gen.todo("data"):
             # with a label stage, data/preference is that stage's output (it replaces the revision pairs)
@@ -353,8 +363,13 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
         if gen.todo("train"):
             next_model = gen_dir(run_dir, k + 1) / "model"
             with m.stage("train", outputs=[next_model, gen.dir / "train" / "train_log.json"]) as counts:
-                counts.update(train_generation(cfg.train.method, gen.model_path, gen.dir / "data", next_model,
-                                               cfg.train, cfg.model, seed=cfg.seed + k, work_dir=gen.dir / "train"))
+                args = dict(method=cfg.train.method, parent=gen.model_path, data_dir=gen.dir / "data",
+                            out_model=next_model, train_cfg=cfg.train, model_cfg=cfg.model, seed=cfg.seed + k,
+                            work_dir=gen.dir / "train")
+                # above one process, accelerate launch runs it as a subprocess: the driver stays single-process
+                counts.update(train_generation(**args) if cfg.train.num_processes == 1 else
+                              launch("train_generation", cfg.train.num_processes, cfg.train.accelerate_config,
+                                     **args))
     gen.release()
     stages = m.data["stages"]
     total = sum(s.get("seconds", 0) for s in stages.values())

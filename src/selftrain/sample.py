@@ -28,6 +28,7 @@ class SamplingParams:
     top_p: float = 0.95
     repetition_penalty: float = 1.0
     seed: int = 0
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
 
 
 class Sampler(Protocol):

@@ -60,7 +60,9 @@ class PromptsConfig:
 
 @dataclass
 class SamplerConfig:
-    backend: str = _f("hf", "Sampling engine: hf (transformers generate).")
+    backend: str = _f("hf", "Sampling engine: hf (transformers generate in this process), vllm (vLLM's "
+                            "offline engine; the `selftrain[vllm]` extra) or openai (any OpenAI-compatible "
+                            "server: vllm serve, SGLang, TGI, llama.cpp, transformers serve).")
     batch_size: int = _f(16, "Prompts per generate call; batches are length-sorted and left-padded. "
                              "16 measured about 6x the tokens/s of one prompt at a time on 2 CPU cores.")
     max_new_tokens: int = _f(128, "Token budget of an initial response.")
@@ -76,6 +78,28 @@ class SamplerConfig:
     chunk_size: int = _f(64, "Prompts per committed chunk in the sample and critique stages: a killed stage "
                              "resumes after its last committed chunk. Chunk i samples with a seed made from "
                              "the run seed and i, so changing it changes sampled (not greedy) text.")
+    # openai: an OpenAI-compatible server
+    base_url: Optional[str] = _f(None, "openai: the server's /v1 endpoint, e.g. http://localhost:8000/v1.")
+    model: Optional[str] = _f(None, "openai: the served model name. null requests each generation's checkpoint "
+                                    "path (the server must serve that path); a fixed name needs generations=1.")
+    api_key_env: Optional[str] = _f("OPENAI_API_KEY", "openai: environment variable holding the API key (sent as "
+                                                      "a Bearer token when set); the key is never recorded.")
+    max_concurrency: int = _f(8, "openai: requests in flight at once (the server batches them).")
+    timeout_s: float = _f(300.0, "openai: seconds one request may take before it counts as failed.")
+    retries: int = _f(3, "openai: retries of a request after 429, 5xx or a connection error.")
+    backoff_s: float = _f(1.0, "openai: first retry delay; each later retry waits twice as long.")
+    repetition_penalty_as: str = _f("repetition_penalty",
+                                    "openai: how repetition_penalty is sent: repetition_penalty (an extra field "
+                                    "vLLM and SGLang accept), frequency_penalty (transformers serve maps it to "
+                                    "repetition_penalty = 1 + frequency_penalty), or none (not sent).")
+    check_model: bool = _f(True, "openai: refuse to start when GET /v1/models does not list the model; turn off "
+                                 "for servers that load models on request and list only loaded ones.")
+    # vllm: the offline engine
+    tensor_parallel_size: int = _f(1, "vllm: GPUs one model is split across.")
+    gpu_memory_utilization: float = _f(0.9, "vllm: fraction of each GPU's memory vLLM may take (weights + KV cache).")
+    enable_prefix_caching: bool = _f(True, "vllm: reuse the KV cache of shared prompt prefixes (the constitution "
+                                           "and few-shot transcripts that open every critique request).")
+    max_model_len: Optional[int] = _f(None, "vllm: context length; null takes the model's own.")
 
 
 @dataclass
@@ -114,6 +138,13 @@ class TrainConfig:
     sft: Dict[str, Any] = _f(help="TRL SFTConfig fields, by TRL's own names (see TRL's docs).", factory=dict)
     dpo: Dict[str, Any] = _f(help="TRL DPOConfig fields, by TRL's own names (beta, loss_type, learning_rate, ...).",
                              factory=dict)
+    num_processes: int = _f(1, "Training processes. Above 1, the train stage runs `accelerate launch` as a "
+                               "subprocess (one process per GPU, or gloo processes on CPU); the driver stays "
+                               "single-process.")
+    accelerate_config: Optional[str] = _f(None, "accelerate config file for num_processes > 1; "
+                                                "`builtin:conf/accelerate/NAME.yaml` names a shipped one "
+                                                "(cpu_multiprocess, deepspeed_zero3, fsdp). null: "
+                                                "cpu_multiprocess, plain data parallel (gloo on CPU, NCCL on GPUs).")
 
 
 PREFERENCE_SOURCES = ("revision", "ai_feedback", "dataset")
@@ -244,7 +275,7 @@ def validate(cfg: Any) -> None:
              f"{key}={value}: use letters, digits, '.', '_' or '-' (it names a folder inside runs/)")
     need(cfg.generations >= 1, f"generations={cfg.generations}: must be at least 1")
     need(cfg.model.dtype in _DTYPES, f"model.dtype={cfg.model.dtype}: must be one of {', '.join(_DTYPES)}")
-    need(cfg.sampler.backend == "hf", f"sampler.backend={cfg.sampler.backend}: only 'hf' is available")
+    validate_sampler(cfg.sampler, cfg.generations)
     need(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: must be at least 1")
     need(cfg.sampler.chunk_size >= 1, f"sampler.chunk_size={cfg.sampler.chunk_size}: must be at least 1")
     need(cfg.sampler.max_batch_tokens is None or cfg.sampler.max_batch_tokens >= 1,
@@ -263,6 +294,11 @@ def validate(cfg: Any) -> None:
     need(cfg.train.method in TRAIN_METHODS,
          f"train.method={cfg.train.method}: must be one of {', '.join(TRAIN_METHODS)}")
     validate_preferences(cfg.preferences)
+    need(cfg.train.num_processes >= 1, f"train.num_processes={cfg.train.num_processes}: must be at least 1")
+    if cfg.train.num_processes > 1:
+        from .paths import resolve
+        from .train_worker import DEFAULT_CONFIG
+        resolve(cfg.train.accelerate_config or DEFAULT_CONFIG, "train.accelerate_config")
     validate_monitor(cfg.monitor)
     need(cfg.probes.max_items_per_dimension is None or cfg.probes.max_items_per_dimension >= 2,
          "probes.max_items_per_dimension must be at least 2 or null")
@@ -291,6 +327,38 @@ def validate_preferences(p: Any) -> None:
          f"preferences.options={list(p.options)}: must be two non-empty strings")
     need(p.cot_max_new_tokens >= 1, f"preferences.cot_max_new_tokens={p.cot_max_new_tokens}: must be at least 1")
     need(p.batch_size >= 1, f"preferences.batch_size={p.batch_size}: must be at least 1")
+
+
+_BACKENDS = ("hf", "openai", "vllm")
+_PENALTY_AS = ("repetition_penalty", "frequency_penalty", "none")
+
+
+def validate_sampler(s: Any, generations: int) -> None:
+    """Sampler keys. What the machine offers (vllm installed, GPUs) is serving.check_engine's."""
+    if s.backend not in _BACKENDS:
+        raise UserError(f"sampler.backend={s.backend}: must be one of {', '.join(_BACKENDS)}")
+    if s.backend == "openai":
+        if not s.base_url or not str(s.base_url).startswith(("http://", "https://")):
+            raise UserError(f"sampler.base_url={s.base_url}: sampler=openai needs the server's http(s):// URL")
+        if s.model is not None and generations > 1:
+            raise UserError(f"sampler.model={s.model}: one served model cannot sample {generations} generations; "
+                            "leave sampler.model null so each generation's checkpoint is requested")
+        for key, low in (("max_concurrency", 1), ("retries", 0)):
+            if getattr(s, key) < low:
+                raise UserError(f"sampler.{key}={getattr(s, key)}: must be at least {low}")
+        for key in ("timeout_s", "backoff_s"):
+            if not getattr(s, key) > 0:
+                raise UserError(f"sampler.{key}={getattr(s, key)}: must be > 0")
+        if s.repetition_penalty_as not in _PENALTY_AS:
+            raise UserError(f"sampler.repetition_penalty_as={s.repetition_penalty_as}: must be one of "
+                            f"{', '.join(_PENALTY_AS)}")
+    if s.backend == "vllm":
+        if s.tensor_parallel_size < 1:
+            raise UserError(f"sampler.tensor_parallel_size={s.tensor_parallel_size}: must be at least 1")
+        if not 0 < s.gpu_memory_utilization <= 1:
+            raise UserError(f"sampler.gpu_memory_utilization={s.gpu_memory_utilization}: must be in (0, 1]")
+        if s.max_model_len is not None and s.max_model_len < 1:
+            raise UserError(f"sampler.max_model_len={s.max_model_len}: must be at least 1 or null")
 
 
 def _no_unknown_keys(cfg: Any, schema: type, prefix: str = "") -> None:

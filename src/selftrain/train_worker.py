@@ -1,0 +1,124 @@
+"""Multi-process training: the train stage under `accelerate launch`, as a subprocess.
+
+With `train.num_processes > 1` the loop calls `launch(...)`: it writes a small JSON spec
+(the training function's name and arguments), runs
+
+    python -m accelerate.commands.launch --num_processes N --config_file C --main_process_port P \\
+        -m selftrain.train_worker SPEC
+
+and reads back the result the main process wrote. The driver stays single-process: it never
+joins the process group, and its own memory holds no model while training runs. Every rank
+runs the same training function (data parallel); ranks other than 0 write their model copy
+to a scratch folder that is removed afterwards, so only rank 0 writes the next generation.
+
+A worker that fails on a user error prints `selftrain-worker: error: ...` and exits 2; the
+launcher turns that, or any other failure, into one line naming the log file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from . import UserError
+from .paths import resolve
+from .records import read_json, write_json
+
+DEFAULT_CONFIG = "builtin:conf/accelerate/cpu_multiprocess.yaml"
+ERROR_PREFIX = "selftrain-worker: error: "
+# Sharded strategies leave each rank holding a slice of the weights; train_sft saves
+# `trainer.model` as it is, which is right only when every rank holds the whole model.
+_SHARDED = "needs train_sft to gather sharded weights before saving (not done yet): use cpu_multiprocess.yaml " \
+           "(data parallel) or ZeRO-1/2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(function: str, num_processes: int, accelerate_config: str | None, work_dir: Path, **kwargs) -> dict:
+    """Run `selftrain.train.<function>(**kwargs)` on `num_processes` processes; return its result."""
+    from omegaconf import DictConfig, OmegaConf
+
+    config = resolve(accelerate_config or DEFAULT_CONFIG, "train.accelerate_config")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    args = {k: (OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else
+                str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
+    spec = {"function": function, "kwargs": {**args, "work_dir": str(work_dir)},
+            "result": str(work_dir / "worker_result.json")}
+    spec_path = work_dir / "worker_spec.json"
+    write_json(spec_path, spec)
+    Path(spec["result"]).unlink(missing_ok=True)
+    log_path = work_dir / "accelerate.log"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--config_file", str(config), "--main_process_port", str(_free_port()),
+           "-m", "selftrain.train_worker", str(spec_path)]
+    env = {**os.environ, "ACCELERATE_LOG_LEVEL": os.environ.get("ACCELERATE_LOG_LEVEL", "warning")}
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    for scratch in work_dir.glob("rank-*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+    if rc != 0 or not Path(spec["result"]).is_file():
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        mine = [ln[ln.index(ERROR_PREFIX) + len(ERROR_PREFIX):] for ln in lines if ERROR_PREFIX in ln]
+        if mine:
+            raise UserError(mine[0])
+        last = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+        raise UserError(f"train.num_processes={num_processes}: accelerate launch failed (exit {rc}): "
+                        f"{last[:300]} (log: {log_path})")
+    return read_json(Path(spec["result"]))
+
+
+def _check_not_sharded() -> None:
+    """`accelerate launch` tells each rank its strategy through these environment variables."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise UserError(f"train.accelerate_config: FSDP {_SHARDED}")
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        raise UserError(f"train.accelerate_config: DeepSpeed ZeRO-3 {_SHARDED}")
+
+
+def worker(spec_path: str) -> None:
+    """One rank: run the named training function; rank 0 writes the result."""
+    from omegaconf import OmegaConf
+
+    from . import train
+
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    kw = dict(spec["kwargs"])
+    for key in ("train_cfg", "model_cfg"):
+        if key in kw:
+            kw[key] = OmegaConf.create(kw[key])
+    for key in ("data_dir", "out_model", "work_dir"):
+        if key in kw:
+            kw[key] = Path(kw[key])
+    if rank != 0:  # identical weights on every rank (data parallel): only rank 0 writes the generation
+        scratch = kw["work_dir"] / f"rank-{rank}"
+        kw["out_model"], kw["work_dir"] = scratch / "model", scratch
+    _check_not_sharded()
+    result = getattr(train, spec["function"])(**kw)
+    if rank == 0:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        write_json(Path(spec["result"]), {**result, "num_processes": world})
+
+
+def main() -> None:
+    try:
+        worker(sys.argv[1])
+    except UserError as e:
+        sys.stderr.write(f"{ERROR_PREFIX}{e}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
