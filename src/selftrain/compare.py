@@ -390,7 +390,11 @@ def compare_runs(dirs: list[Path], allow: list[str] | None = None, items: str = 
     for a, b in combinations(arms, 2):
         common = sorted(set(final[a]) & set(final[b]))
         pairs = [(s, s) for s in common] or list(zip(final[a], final[b]))
-        if not pairs:
+        if not pairs:  # every run of one arm stopped (gated) before the final generation
+            verdicts.append({"a": a, "b": b, "result": "not compared", "strength": "none", "n_seeds": 0,
+                             "significant": [], "small_significant": [],
+                             "text": f"{a} vs {b}: not compared: no run of one of them reached gen-{G:03d} "
+                                     "(gated by the monitor); see drift per arm."})
             continue
         res = {"a": a, "b": b, "generation": G, "seed_pairs": pairs, "dimensions": {}, "families": {}}
         for d in dims:
