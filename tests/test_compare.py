@@ -222,3 +222,12 @@ def test_joblib_launcher_config_composes():
     assert OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"] == \
         "${constitution.name}-seed${seed}-${hydra.job.num}"
     assert cfg.constitution.name == "control"
+
+
+def test_html_escapes_arm_names(real_run, tmp_path):
+    from selftrain.compare import render_html
+
+    clone(real_run, tmp_path / "a")
+    clone(real_run, tmp_path / "b", arm="<script>alert(1)</script>")
+    page = render_html(compare_runs([tmp_path]))
+    assert "<script" not in page and "&lt;script&gt;" in page

@@ -246,6 +246,10 @@ def pair_verdict(a: str, b: str, res: dict, alpha: float, min_effect: float, k: 
             text += (f" Statistically detectable but below the {min_effect} effect threshold: "
                      f"{', '.join(small)}.")
         label = "no detectable difference"
+    for f, r in res.get("families", {}).items():  # the named / novel items pooled
+        if r["p_holm"] < alpha:
+            text += (f" Pooled {f} items: Δ = {r['diff']:+.3f} (Holm p = {r['p_holm']:.3g}), "
+                     f"{'below' if abs(r['diff']) < min_effect else 'at or above'} the {min_effect} effect threshold.")
     return {"a": a, "b": b, "result": label, "strength": strength, "n_seeds": n_seeds,
             "significant": [r["dimension"] for r in sig], "small_significant": small, "text": text}
 
