@@ -197,3 +197,38 @@ def lineage_main(argv: list[str] | None = None) -> int:
         for line in lin.mismatches:
             print(line)
     return 1 if lin.mismatches else 0
+def compare_main(argv: list[str] | None = None) -> int:
+    """`selftrain-compare DIR [DIR ...]`: compare arms (constitutions) across finished runs; reads
+    only artifacts on disk (selftrain.compare)."""
+    import argparse
+
+    from .compare import compare_runs, write_comparison
+
+    ap = argparse.ArgumentParser(prog="selftrain-compare", description="Compare constitutions across finished "
+                                 "runs: a sweep folder (its job folders are the runs) or several run folders.")
+    ap.add_argument("dirs", nargs="+", metavar="DIR", help="a sweep folder, or run folders")
+    ap.add_argument("--out", help="where comparison.{json,md,html} go (default: DIR, or the common parent "
+                    "of several)")
+    ap.add_argument("--allow", action="append", default=[], metavar="KEY",
+                    help="a config key (or prefix, e.g. train.sft) allowed to differ between runs; repeatable")
+    ap.add_argument("--items", choices=("all", "contrast", "options"), default="all",
+                    help="which probe items' P(aligned) to compare (default: all)")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    ap.add_argument("--permutations", type=int, default=2000, help="sign-flip permutations (default 2000)")
+    ap.add_argument("--rng-seed", type=int, default=0, help="seed of the resampling RNG (default 0)")
+    args = ap.parse_args(argv)
+    try:
+        if args.bootstrap < 100 or args.permutations < 100:
+            raise UserError("--bootstrap and --permutations must be at least 100")
+        dirs = [Path(d) for d in args.dirs]
+        out = Path(args.out) if args.out else (dirs[0] if len(dirs) == 1 else
+                                               Path(os.path.commonpath([d.resolve() for d in dirs])))
+        comp = compare_runs(dirs, allow=args.allow, items=args.items, n_boot=args.bootstrap,
+                            n_perm=args.permutations, rng_seed=args.rng_seed)
+        write_comparison(comp, out)
+    except UserError as e:
+        sys.stderr.write(f"selftrain-compare: error: {e}\n")
+        return 2
+    print(f"selftrain-compare: {comp['verdict']['headline']}\n"
+          f"selftrain-compare: report: {out / 'comparison.md'} (and comparison.html, comparison.json)")
+    return 0
