@@ -28,6 +28,27 @@ def test_greedy_batched_equals_one_at_a_time(sampler_parts):
     assert len(batched) == len(CONVS)
 
 
+def test_stop_strings_end_the_reply_before_them(tiny_model):
+    import torch
+
+    model, tok = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger weights than the random init's, so replies are not empty
+        for w in model.parameters():
+            w.normal_(0, 0.25)
+    s = HFSampler(model, tok, batch_size=4)
+    p = SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+    full = s.chat(CONVS, p)
+    target = max(range(len(full)), key=lambda i: len(full[i]))
+    text = full[target]
+    assert len(text) >= 6, full  # the tiny model's replies are short strings of subwords, not words
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = s.chat(CONVS, SamplingParams(**{**p.__dict__, "stop": (stop,)}))
+    assert cut[target] == text[:text.find(stop)].strip()
+    assert all(stop not in t for t in cut)
+    assert all(f.startswith(c) for f, c in zip(full, cut))  # nothing but the cut changes
+
+
 def test_sampling_is_seeded(sampler_parts):
     s = HFSampler(*sampler_parts, batch_size=3)
     a = s.chat(CONVS, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1))

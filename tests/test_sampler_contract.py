@@ -182,11 +182,8 @@ def test_max_new_tokens_is_respected(engine, embedded):
     assert 1 <= n <= 4
 
 
-def test_stop_strings_end_the_reply_before_them(engine, reference, request):
+def test_stop_strings_end_the_reply_before_them(engine, reference):
     name, sampler = engine
-    if name == "hf":  # strict: passing stop_strings to generate() turns this into a failure to remove
-        request.applymarker(pytest.mark.xfail(strict=True, reason="HFSampler.chat does not pass "
-                                                                   "SamplingParams.stop to generate() yet"))
     words = reference[0].split()
     assert len(words) >= 3, reference[0]
     stop = words[2]

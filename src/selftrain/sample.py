@@ -135,7 +135,7 @@ class HFSampler:
 
     def chat(self, conversations, params, desc="sampling"):
         rows = self.generate_ids(conversations, params, desc)
-        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        return [cut_at_stop(t, params.stop).strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     @torch.inference_mode()
     def generate_ids(self, conversations, params, desc="sampling") -> list[list[int]]:
@@ -167,7 +167,9 @@ class HFSampler:
                 temperature=None if greedy else params.temperature,
                 top_p=None if greedy else params.top_p, top_k=None,
                 repetition_penalty=params.repetition_penalty,
-                pad_token_id=pad, eos_token_id=eos, **extra)
+                pad_token_id=pad, eos_token_id=eos, **extra,
+                # a row whose text reaches a stop string stops there (chat() cuts the string off)
+                **({"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}))
             for i, row in zip(idx, gen[:, len(rows[0]):].tolist()):
                 stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
                 out[i] = row if stop is None else row[:stop + 1]
@@ -209,6 +211,16 @@ class HFSampler:
             for r, i in enumerate(idx):
                 out[i] = [float(v) for v in logp[r]]
         return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string (servers differ on whether they keep it)."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s) if s else -1
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]
 
 
 def option_first_tokens(tokenizer, options: Sequence[str]) -> list[int]:

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from . import UserError, __version__
-from .sample import Conversation, HFSampler, SamplingParams
+from .sample import Conversation, HFSampler, SamplingParams, cut_at_stop
 
 # A request's seed: distinct per conversation, stable under any completion order. The
 # multiplier matches HFSampler's per-batch seeds (a large prime keeps seeds of neighbouring
@@ -41,16 +41,6 @@ SEED_STRIDE = 1_000_003
 MAX_TOP_LOGPROBS = 20
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 VLLM_INSTALL = "sampler=vllm needs vllm: pip install 'selftrain[vllm]'"
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The text before the first stop string (servers differ on whether they keep it)."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s) if s else -1
-        if i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
 
 
 def _option_match(options: Sequence[str], top: list[dict], floor: float) -> list[float]:
