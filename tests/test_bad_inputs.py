@@ -241,6 +241,12 @@ CORPUS = [
     C("cfg-source-n-zero", "prompts.sources=[{name:x,path:'<BAD>/prompts/ok.jsonl',n:0}]",
       "prompts.sources[0].n=0"),
     # ---- preference training (train=dpo)
+    C("pref-labeller-url-not-http", ("train=dpo", "preferences=ai_feedback", "preferences.labeller_base_url=ftp://x"),
+      "preferences.labeller_base_url=ftp://x", "http"),
+    C("pref-served-labeller-unreachable",
+      ("train=dpo", "preferences=ai_feedback", "preferences.labeller_base_url=http://127.0.0.1:9/v1",
+       "sampler.retries=0", "model.name_or_path=embedded:smollm2-135m-instruct"),
+      "preferences.labeller_base_url", "127.0.0.1:9"),
     C("pref-min-margin-above-one", ("train=dpo", "preferences=ai_feedback", "preferences.min_margin=1.5"),
       "preferences.min_margin=1.5", "[0, 1]"),
     C("pref-min-margin-negative", ("train=dpo", "preferences=ai_feedback", "preferences.min_margin=-0.2"),

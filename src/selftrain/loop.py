@@ -36,7 +36,7 @@ from .resume import (Interrupted, apply_force, check_chunks, check_interrupt, fo
                      parse_force, start_over, verify_outputs)
 from .sample import HFSampler, SamplingParams, option_first_tokens, sample_stage
 from .schema import monitor_settings, validate
-from .serving import check_engine, close_sampler, make_sampler, preflight
+from .serving import check_engine, close_sampler, make_labeller, make_sampler, preflight
 from .train import dpo_config, sft_config, train_generation, uses_dpo
 from .train_worker import launch
 
@@ -167,7 +167,9 @@ def run(cfg, run_dir: Path) -> dict:
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
     if uses_dpo(cfg.train.method):
         dpo_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)
-        if _labels(cfg) and cfg.preferences.source == "ai_feedback":  # the labeller's tokenizer must tell options apart
+        if _labels(cfg) and cfg.preferences.labeller_base_url:  # the server answers and serves the labeller
+            close_sampler(make_labeller(cfg.preferences, cfg.sampler, base))
+        elif _labels(cfg) and cfg.preferences.source == "ai_feedback":  # its tokenizer must tell options apart
             labeller = models.resolve(cfg.preferences.labeller) if cfg.preferences.labeller else base
             option_first_tokens(models.load_tokenizer(labeller, cfg.model.trust_remote_code),
                                 list(cfg.preferences.options))
@@ -399,7 +401,10 @@ def _label(cfg, gen: Generation, constitution) -> dict:
             Dataset.from_list(rows).save_to_disk(str(tmp))
         return {"source": "dataset", "path": pref.path, "sha256": digest, "pairs": len(rows), "kept": len(rows)}
     sampler = HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
-    if pref.labeller:
+    if pref.labeller_base_url:
+        labeller = make_labeller(pref, cfg.sampler, gen.model_path)
+        who = {"source": "preferences.labeller_base_url", **labeller.describe()}
+    elif pref.labeller:
         path = models.resolve(pref.labeller)
         labeller = HFSampler(models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code),
                              models.load_tokenizer(path, cfg.model.trust_remote_code), batch_size=pref.batch_size)

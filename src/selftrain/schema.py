@@ -170,7 +170,11 @@ class PreferencesConfig:
                                "clamp_high]; CoT makes them overconfident, and Bai et al. 2022 clamped to 40-60%.")
     clamp_high: float = _f(0.6, "Upper end of that clamp.")
     min_margin: float = _f(0.0, "Drop pairs whose margin |2p-1| (0 = undecided, 1 = certain) is below this; in [0, 1].")
-    labeller: Optional[str] = _f(None, "Labeller checkpoint (folder, hub id or embedded:...); null uses model k.")
+    labeller: Optional[str] = _f(None, "Labeller checkpoint (folder, hub id or embedded:...); null uses model k. With "
+                                       "labeller_base_url: the served model's name (null: generation k's path).")
+    labeller_base_url: Optional[str] = _f(None, "A served labeller: an OpenAI-compatible /v1 URL (sampler.api_key_env, "
+                                                "timeout_s, retries and backoff_s apply). The server must return "
+                                                "log-probs (vLLM and SGLang do; transformers serve 5.24 does not).")
     batch_size: int = _f(8, "Conversations per labeller forward pass.")
 
 
@@ -327,6 +331,8 @@ def validate_preferences(p: Any) -> None:
          f"preferences.options={list(p.options)}: must be two non-empty strings")
     need(p.cot_max_new_tokens >= 1, f"preferences.cot_max_new_tokens={p.cot_max_new_tokens}: must be at least 1")
     need(p.batch_size >= 1, f"preferences.batch_size={p.batch_size}: must be at least 1")
+    need(p.labeller_base_url is None or str(p.labeller_base_url).startswith(("http://", "https://")),
+         f"preferences.labeller_base_url={p.labeller_base_url}: must be an http(s):// URL")
 
 
 _BACKENDS = ("hf", "openai", "vllm")

@@ -366,6 +366,18 @@ def preflight(scfg, base_model: str) -> None:
         make_sampler(scfg, lambda: (None, None), base_model)
 
 
+def make_labeller(pref, scfg, model_path: str) -> OpenAISampler:
+    """A served AI-feedback labeller (preferences.labeller_base_url), with the openai sampler's
+    connection settings; it must return log-probs, or the label stage stops in one line."""
+    try:
+        return OpenAISampler(pref.labeller_base_url, pref.labeller or model_path, api_key_env=scfg.api_key_env,
+                             max_concurrency=scfg.max_concurrency, timeout_s=scfg.timeout_s, retries=scfg.retries,
+                             backoff_s=scfg.backoff_s, repetition_penalty_as=scfg.repetition_penalty_as,
+                             check_model=scfg.check_model)
+    except UserError as e:
+        raise UserError(f"preferences.labeller_base_url: {e}") from e
+
+
 def close_sampler(sampler) -> None:
     if sampler is not None and hasattr(sampler, "close"):
         sampler.close()
