@@ -102,3 +102,22 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
+
+
+def interleave(arms: dict, repeats: int, required: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Run every arm once per repeat, A/B/A/B, so slow drift in the machine's load hits every arm
+    alike. An arm that raises is reported in `errors` and dropped, unless it is `required`.
+    Returns ({arm: [results]}, {arm: error line})."""
+    runs: dict[str, list] = {k: [] for k in arms}
+    errors: dict[str, str] = {}
+    for _ in range(repeats):
+        for name, fn in arms.items():
+            if name in errors:
+                continue
+            try:
+                runs[name].append(fn())
+            except Exception as e:  # an ablation this install cannot do is reported, not fatal
+                if name in required:
+                    raise
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return runs, errors

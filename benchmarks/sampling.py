@@ -11,7 +11,7 @@ import torch
 
 from selftrain.sample import HFSampler, SamplingParams, sample_stage
 
-from .common import eos_set, median, new_token_count, rate, ratio
+from .common import eos_set, interleave, median, new_token_count, rate, ratio
 
 
 def params(sizes) -> SamplingParams:
@@ -72,16 +72,7 @@ def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
     # warm-up (one-time allocations, lazy imports), so the first arm timed does not pay for it
     pipeline_arm(model, tok, prompts[:2], SamplingParams(**{**p.__dict__, "max_new_tokens": 2}), B)
     bare_arm(model, tok, prompts[:2], SamplingParams(**{**p.__dict__, "max_new_tokens": 2}), B)
-    runs: dict[str, list] = {k: [] for k in arms}
-    errors = {}
-    for _ in range(sizes.repeats):
-        for name, fn in arms.items():
-            if name in errors:
-                continue
-            try:
-                runs[name].append(fn())
-            except Exception as e:  # an ablation the installed transformers cannot do is reported, not fatal
-                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    runs, errors = interleave(arms, sizes.repeats, required=("pipeline", "bare_batched_generate", "one_at_a_time"))
     res = {k: _summ(v) for k, v in runs.items() if v}
     for k, e in errors.items():
         res[k] = {"error": e}

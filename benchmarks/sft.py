@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from selftrain.train import train_sft
 
-from .common import median, rate, ratio
+from .common import interleave, median, rate, ratio
 
 HELDOUT = Path(__file__).resolve().parents[1] / "src" / "selftrain" / "probes" / "heldout.txt"
 
@@ -88,22 +88,11 @@ def run(path, tok, prompts, sizes, ablations: bool = True) -> dict:
         arms["pipeline_padding_free"] = lambda: pipeline_arm(path, tmp / "data", tmp / "f", sizes,
                                                              {"padding_free": True, "max_length": None})
         arms["pipeline_packing"] = lambda: pipeline_arm(path, tmp / "data", tmp / "k", sizes, {"packing": True})
-    runs: dict[str, list] = {k: [] for k in arms}
-    errors = {}
     try:
         # warm-up on one batch (lazy imports, first allocations), so the first arm timed does not pay for it
         ds.select(range(min(sizes.sft_batch, len(ds)))).save_to_disk(str(tmp / "warm"))
         pipeline_arm(path, tmp / "warm", tmp / "w", sizes)
-        for _ in range(sizes.repeats):
-            for name, fn in arms.items():
-                if name in errors:
-                    continue
-                try:
-                    runs[name].append(fn())
-                except Exception as e:  # an ablation TRL refuses here is reported, not fatal
-                    if name in ("pipeline", "bare_sfttrainer"):
-                        raise
-                    errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        runs, errors = interleave(arms, sizes.repeats, required=("pipeline", "bare_sfttrainer"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {}

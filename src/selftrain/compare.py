@@ -31,7 +31,7 @@ import numpy as np
 
 from . import UserError
 from .drift import holm, load_probe_table, mean_ci
-from .records import MANIFEST, now, read_json, read_jsonl, write_json, write_text
+from .records import MANIFEST, flatten, now, read_json, read_jsonl, write_json, write_text
 from .report import _f, _page, svg_chart
 
 FINISHED = ("done", "gated")
@@ -50,16 +50,6 @@ REFUSAL_WINDOW = 150
 def is_refusal(text: str) -> bool:
     head = text[:REFUSAL_WINDOW].lower().replace("\u2019", "'")
     return any(p in head for p in REFUSAL_PHRASES)
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ---------------------------------------------------------------- finding and checking runs
@@ -127,7 +117,7 @@ def _allowed(key: str, allow: list[str]) -> bool:
 def check_fair(runs: list[dict], allow: list[str]) -> dict:
     """Refuse runs whose configs differ outside constitution.* / seed / run_name and the keys in
     `allow`; return the allowed differences actually present (key -> sorted distinct values)."""
-    flat = [_flatten(r["manifest"]["config"]) for r in runs]
+    flat = [flatten(r["manifest"]["config"]) for r in runs]
     keys = sorted(set().union(*flat))
     differing = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
     refused = [k for k in differing if not _allowed(k, allow)]
@@ -137,7 +127,7 @@ def check_fair(runs: list[dict], allow: list[str]) -> dict:
         more = f" (and {len(refused) - 1} more: {', '.join(refused[1:4])}{'…' if len(refused) > 4 else ''})" \
             if len(refused) > 1 else ""
         raise UserError(f"runs differ in more than the constitution: {k} is {flat[0].get(k)!r} in "
-                        f"{runs[0]['dir']} but {_flatten(a['manifest']['config']).get(k)!r} in {a['dir']}{more}; "
+                        f"{runs[0]['dir']} but {flatten(a['manifest']['config']).get(k)!r} in {a['dir']}{more}; "
                         "to compare anyway, name it with --allow KEY")
     seeds = {r["arm"]: set() for r in runs}
     for r in runs:

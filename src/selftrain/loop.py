@@ -28,8 +28,8 @@ from .monitor import probe_model
 from .probes import guard
 from .probes.suites import load_suite
 from .prompts import load_prompts, prompts_hash
-from .records import (MANIFEST, Manifest, gen_dir, now, package_versions, read_json, read_jsonl, read_manifest,
-                      sha256_tree, write_jsonl)
+from .records import (MANIFEST, Manifest, flatten, gen_dir, now, package_versions, read_json, read_jsonl,
+                      read_manifest, sha256_tree, write_jsonl)
 from .report import generation_report
 from .preferences import load_user_preferences
 from .resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target, graceful_interrupts,
@@ -128,7 +128,7 @@ def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
     config = {k: v for k, v in config.items() if k not in RUN_CONTROL}
     if old == config:
         return
-    flat_old, flat_new = _flatten(old), _flatten(config)
+    flat_old, flat_new = flatten(old), flatten(config)
     # keys whose value changed first, then keys only one of the two configs has
     diff = sorted((k not in flat_old or k not in flat_new, k) for k in set(flat_old) | set(flat_new)
                   if flat_old.get(k) != flat_new.get(k))
@@ -136,16 +136,6 @@ def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
     shown = ", ".join(diff[:10]) + (f" and {len(diff) - 10} more" if len(diff) > 10 else "")
     raise UserError(f"{path}: this run folder was started with a different config "
                     f"(differs in: {shown}); use a new run folder")
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def run(cfg, run_dir: Path) -> dict:
