@@ -11,6 +11,7 @@ from pathlib import Path
 from datasets import Dataset
 from omegaconf import OmegaConf
 
+from selftrain.schema import ModelConfig, TrainConfig
 from selftrain.train import train_sft
 
 from .common import interleave, median, rate, ratio
@@ -39,9 +40,9 @@ def _settings(sizes, seed: int) -> dict:
 
 
 def pipeline_arm(path, data_dir: Path, work: Path, sizes, extra: dict | None = None) -> dict:
-    train_cfg = OmegaConf.create({"method": "sft", "lora": {"enabled": False},
-                                  "sft": {**_settings(sizes, 0), **(extra or {})}})
-    model_cfg = OmegaConf.create({"dtype": "float32", "trust_remote_code": False})
+    # the pipeline's own typed configs, so every field the train stage reads has its default
+    train_cfg = OmegaConf.structured(TrainConfig(sft={**_settings(sizes, 0), **(extra or {})}))
+    model_cfg = OmegaConf.structured(ModelConfig())
     t0 = time.perf_counter()
     r = train_sft(path, data_dir, work / "model", train_cfg, model_cfg, seed=0, work_dir=work / "train")
     wall = time.perf_counter() - t0
