@@ -390,7 +390,7 @@ def _label(cfg, gen: Generation, constitution) -> dict:
         with atomic_dir(gen.dir / "data" / "preference") as tmp:
             Dataset.from_list(rows).save_to_disk(str(tmp))
         return {"source": "dataset", "path": pref.path, "sha256": digest, "pairs": len(rows), "kept": len(rows)}
-    sampler = HFSampler(*gen.model(), batch_size=cfg.sampler.batch_size)
+    sampler = _sampler(cfg, gen)  # the responses to compare come from the configured engine
     if pref.labeller_base_url:
         labeller = make_labeller(pref, cfg.sampler, gen.model_path)
         who = {"source": "preferences.labeller_base_url", **labeller.describe()}
@@ -411,5 +411,7 @@ def _label(cfg, gen: Generation, constitution) -> dict:
     if counts["kept"] == 0:
         raise UserError(f"generation {k}: every preference pair was dropped ({counts['dropped_identical']} identical, "
                         f"{counts['dropped_margin']} below preferences.min_margin={pref.min_margin})")
+    close_sampler(sampler)
+    close_sampler(labeller)
     gen.release()
-    return {**counts, "labeller": who, "seconds_labelling": round(time.perf_counter() - t0, 3)}
+    return {**counts, "sampler": sampler.describe(), "labeller": who, "seconds_labelling": round(time.perf_counter() - t0, 3)}
