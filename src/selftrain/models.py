@@ -38,8 +38,25 @@ def embedded_gguf() -> Path:
 def embedded_checkpoint() -> Path:
     """The safetensors copy of the embedded model, converted on first use."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if _converted(target):
         return target
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel jobs (a joblib sweep, a test pool) on a fresh machine would all convert at once
+    # into the same temporary folder: one converts, the others wait and then read its result.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _converted(target):
+            _convert(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+
+
+def _convert(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()
@@ -53,11 +70,9 @@ def embedded_checkpoint() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantised.state_dict())
     model.generation_config = dequantised.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target
 
 
 def resolve(name_or_path: str) -> str:
