@@ -57,6 +57,16 @@ def _converted(target: Path) -> bool:
 
 
 def _convert(target: Path) -> None:
+    import contextlib
+    import io
+
+    # transformers' GGUF and save progress bars would go to stderr, where a run's errors are one
+    # line each; the INFO line below says what is happening.
+    with contextlib.redirect_stderr(io.StringIO()):
+        _dequantise_and_save(target)
+
+
+def _dequantise_and_save(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()
