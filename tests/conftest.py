@@ -86,3 +86,14 @@ def tiny_run_1gen(tiny_model, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run1gen") / "run"
     run(cfg, run_dir)
     return run_dir
+
+
+def write_sft_data(folder: Path, n: int) -> Path:
+    """A small SFT dataset (`messages` rows) saved where train_sft reads it."""
+    from datasets import Dataset
+
+    rows = [{"prompt_id": str(i), "messages": [{"role": "user", "content": f"Question {i}?"},
+                                                {"role": "assistant", "content": f"A careful answer number {i}."}]}
+            for i in range(n)]
+    Dataset.from_list(rows).save_to_disk(str(folder))
+    return folder

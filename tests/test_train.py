@@ -6,17 +6,13 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from conftest import compose
+from conftest import compose, write_sft_data
 from selftrain.train import train_sft
 
 
 @pytest.fixture
 def sft_data(tmp_path):
-    rows = [{"prompt_id": str(i), "messages": [{"role": "user", "content": f"Question {i}?"},
-                                                {"role": "assistant", "content": f"A careful answer number {i}."}]}
-            for i in range(6)]
-    Dataset.from_list(rows).save_to_disk(str(tmp_path / "sft"))
-    return tmp_path / "sft"
+    return write_sft_data(tmp_path / "sft", 6)
 
 
 @pytest.mark.parametrize("lora", [False, True])

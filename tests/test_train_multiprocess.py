@@ -7,21 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from safetensors.torch import load_file
 
-from conftest import compose
+from conftest import compose, write_sft_data
 from selftrain import UserError
 from selftrain.train_worker import launch
 
 
 @pytest.fixture
 def sft_data(tmp_path):
-    rows = [{"prompt_id": str(i), "messages": [{"role": "user", "content": f"Question {i}?"},
-                                                {"role": "assistant", "content": f"A careful answer number {i}."}]}
-            for i in range(8)]
-    Dataset.from_list(rows).save_to_disk(str(tmp_path / "sft"))
-    return tmp_path / "sft"
+    return write_sft_data(tmp_path / "sft", 8)
 
 
 def _cfg(tiny_model, *extra):
