@@ -11,7 +11,8 @@ Every engine's greedy replies must equal it, which checks templating, order and 
 once. `transformers serve` 5.24 ignores `logprobs`/`top_logprobs` (its
 UNUSED_CHAT_COMPLETION_FIELDS), so for openai the log-prob shapes are skipped with that
 reason, and a separate test checks the one-line error the stage then gives. It also
-samples only when the checkpoint's generation_config says do_sample (see _sampling_copy).
+samples only when the checkpoint's generation_config says do_sample (see _sampling_copy), and
+its seeds reproduce only with one request in flight (see test_same_seed_same_replies).
 On a shared 2-core CPU the file took about 20 minutes; most of it is the two prompts past
 the 8192-token context and the seed test.
 """
@@ -192,8 +193,15 @@ def test_stop_strings_end_the_reply_before_them(engine, reference):
     assert sampler.chat(CONVS[:1], params) == [expected]
 
 
-def test_same_seed_same_replies(engine):
-    _, sampler = engine
+def test_same_seed_same_replies(engine, request):
+    name, sampler = engine
+    if name == "openai":
+        # transformers serve seeds the process-wide torch RNG per request (set_torch_seed), so
+        # two requests in flight draw from one generator in whatever order the threads run:
+        # its seeds reproduce only one request at a time. vLLM and SGLang seed per request.
+        url, served_path = request.getfixturevalue("served")
+        sampler = OpenAISampler(url, served_path, max_concurrency=1, retries=1,
+                                repetition_penalty_as="frequency_penalty")
     hot = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, repetition_penalty=1.0, seed=7)
     first = sampler.chat(CONVS, hot)
     assert sampler.chat(CONVS, hot) == first
