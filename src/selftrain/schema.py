@@ -300,9 +300,8 @@ def validate(cfg: Any) -> None:
     validate_preferences(cfg.preferences)
     need(cfg.train.num_processes >= 1, f"train.num_processes={cfg.train.num_processes}: must be at least 1")
     if cfg.train.num_processes > 1:
-        from .paths import resolve
-        from .train_worker import DEFAULT_CONFIG
-        resolve(cfg.train.accelerate_config or DEFAULT_CONFIG, "train.accelerate_config")
+        from .train_worker import check_accelerate_config
+        check_accelerate_config(cfg.train.accelerate_config)
     validate_monitor(cfg.monitor)
     need(cfg.probes.max_items_per_dimension is None or cfg.probes.max_items_per_dimension >= 2,
          "probes.max_items_per_dimension must be at least 2 or null")

@@ -10,6 +10,13 @@ model, as in the usual SFT-then-DPO recipe). Full fine-tuning, or
 LoRA through peft merged back into the weights, so every generation is a plain safetensors
 checkpoint. On CPU, bf16 and gradient checkpointing stay off: with them on, one SFT step of
 the 135M model measured about 8x slower on 2 cores (107 s against 13 s).
+
+Under `accelerate launch` with FSDP or DeepSpeed ZeRO-3 each rank holds a slice of the
+weights. Saving then gathers them: `accelerator.get_state_dict` is a collective that every rank
+calls; rank 0 alone loads the parent as a full model on CPU, copies the gathered weights into
+it (merging LoRA there), computes the weight change and writes the generation. Rank 0 so holds
+three copies of the weights in CPU memory: the gathered ones, the parent, and the parent's copy
+that the change is measured against.
 """
 from __future__ import annotations
 
@@ -95,6 +102,7 @@ def _trl_config(cls, prefix: str, defaults: dict, user, output_dir: Path, seed: 
     user = OmegaConf.to_container(user, resolve=True) if isinstance(user, DictConfig) else dict(user)
     kwargs = {**defaults, **user, "output_dir": str(output_dir), "seed": seed}
     _checkpointing_off(kwargs, {f.name for f in dataclasses.fields(cls)})
+    _precision_from_deepspeed(kwargs, user, prefix)
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True
         kwargs["bf16"] = kwargs["fp16"] = False
@@ -104,6 +112,21 @@ def _trl_config(cls, prefix: str, defaults: dict, user, output_dir: Path, seed: 
         raise UserError(f"{prefix}: {str(e).splitlines()[0]}") from e
 
 
+def _precision_from_deepspeed(kwargs: dict, user: dict, prefix: str) -> None:
+    """Under DeepSpeed, transformers refuses bf16/fp16 that differ from the accelerate config's
+    `mixed_precision` (which `accelerate launch` passes as ACCELERATE_MIXED_PRECISION): follow it."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    for key in ("bf16", "fp16"):
+        if key in user and user[key] is not None and bool(user[key]) != (mixed == key):
+            raise UserError(f"{prefix}.{key}={user[key]}: the DeepSpeed accelerate config sets "
+                            f"mixed_precision: {mixed}; DeepSpeed needs the two to agree")
+        kwargs[key] = mixed == key
+
+
 def peft_config(lora):
     from peft import LoraConfig as PeftLora
 
@@ -111,11 +134,11 @@ def peft_config(lora):
                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
 
 
-def weight_change(before: dict, after: torch.nn.Module) -> dict:
+def weight_change(before: dict, after: torch.nn.Module | dict) -> dict:
     """Relative L2 change of all weights, and how many tensors changed at all."""
     num = den = 0.0
     changed = 0
-    for name, p in after.state_dict().items():
+    for name, p in (after if isinstance(after, dict) else after.state_dict()).items():
         b = before.get(name)
         if b is None:
             continue
@@ -141,17 +164,18 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     tokenizer.padding_side = "right"  # training pads on the right; sampling on the left
     model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
     model.train()
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = None if sharding_requested() else {k: v.detach().clone() for k, v in model.state_dict().items()}
     guard = StopOnNonFinite()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
                          callbacks=[guard, StopOnInterrupt()])
+    check_strategy(trainer.accelerator)
     result = trainer.train()
     check_interrupt()
     if guard.bad_step is not None:
         raise UserError(f"training loss became NaN or infinite at step {guard.bad_step}; "
                         "lower train.sft.learning_rate")
-    change = _save(trainer, before, tokenizer, out_model, train_cfg.lora.enabled)
+    change = _save(trainer, before, tokenizer, out_model, train_cfg.lora, parent, model_cfg)
     logs = trainer.state.log_history
     write_json(work_dir / "train_log.json", logs)
     losses = [r["loss"] for r in logs if "loss" in r]
@@ -161,20 +185,131 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
             "lora": bool(train_cfg.lora.enabled), **change}
 
 
-def _save(trainer, before: dict, tokenizer, out_model: Path, lora: bool) -> dict:
+def sharding_requested() -> str | None:
+    """The sharded strategy `accelerate launch` asked this rank for (it says so in the environment)."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "deepspeed_zero3"
+    return None
+
+
+def sharding(accelerator) -> str | None:
+    """'fsdp' or 'deepspeed_zero3' when the ranks hold slices of the weights; None when each holds them all."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    if (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3):
+        return "deepspeed_zero3"
+    return None
+
+
+def check_strategy(accelerator) -> None:
+    """Refuse a sharded strategy that accelerate did not turn on. accelerate (1.15) enables FSDP and
+    DeepSpeed only on accelerator devices: on CPU it would quietly run plain data parallel."""
+    import os
+
+    wanted = "deepspeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else \
+        "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
+    if wanted and accelerator.distributed_type.value.lower() != wanted:
+        config = os.environ.get("SELFTRAIN_ACCELERATE_CONFIG", "")
+        name = "DeepSpeed" if wanted == "deepspeed" else "FSDP"
+        raise UserError(f"train.accelerate_config={config}: {name} needs GPUs; accelerate runs "
+                        f"{accelerator.distributed_type.value} here instead (use "
+                        "builtin:conf/accelerate/cpu_multiprocess.yaml on CPU)")
+
+
+def _save(trainer, before: dict | None, tokenizer, out_model: Path, lora, parent: str, model_cfg) -> dict:
     """Merge LoRA if any, write the model atomically as safetensors; return the weight change."""
+    if sharding(trainer.accelerator):
+        return _save_gathered(trainer, tokenizer, out_model, lora, parent, model_cfg)
     trained = trainer.model
-    if lora:
+    if lora.enabled:
         trained = trained.merge_and_unload()
     trained.eval()
     change = weight_change(before, trained)
+    _write(trained, tokenizer, out_model)
+    return change
+
+
+def _write(model, tokenizer, out_model: Path) -> None:
     out_model.parent.mkdir(parents=True, exist_ok=True)
-    check_disk(out_model.parent, checkpoint_bytes(trained), f"the checkpoint {out_model}")
+    check_disk(out_model.parent, checkpoint_bytes(model), f"the checkpoint {out_model}")
     with atomic_dir(out_model) as tmp:
-        trained.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(tmp)
+
+
+def _save_gathered(trainer, tokenizer, out_model: Path, lora, parent: str, model_cfg) -> dict:
+    """FSDP / ZeRO-3: gather the full weights (every rank), write them from rank 0 (see the module doc).
+
+    Ranks other than 0 get a link to rank 0's folder at their own `out_model`, so that a next
+    training function on every rank (sft_dpo's DPO) reads the same model."""
+    import torch.distributed as dist
+
+    acc = trainer.accelerator
+    strategy = sharding(acc)
+    target = [str(out_model)]
+    dist.broadcast_object_list(target, src=0)
+    # transformers' Trainer.save_model does the same: the engine under DeepSpeed, the model under FSDP.
+    state = acc.get_state_dict(trainer.deepspeed if strategy == "deepspeed_zero3" else trainer.model)
+    change = {}
+    if acc.is_main_process:
+        full = load_unsharded(parent, model_cfg)
+        before = {k: v.detach().clone() for k, v in full.state_dict().items()}
+        if lora.enabled:
+            from peft import get_peft_model
+
+            full = get_peft_model(full, peft_config(lora))
+        _load_gathered(full, state, strategy)
+        if lora.enabled:
+            full = full.merge_and_unload()
+        del state
+        full.eval()
+        change = {**weight_change(before, full), "sharding": strategy}
+        _write(full, tokenizer, out_model)
+    acc.wait_for_everyone()
+    if not acc.is_main_process and Path(target[0]) != Path(out_model):
+        out_model.parent.mkdir(parents=True, exist_ok=True)
+        out_model.symlink_to(Path(target[0]).resolve(), target_is_directory=True)
     return change
+
+
+def _load_gathered(model: torch.nn.Module, state: dict, strategy: str) -> None:
+    """Copy the gathered weights into `model`; every weight must be there, whole."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not _tied(model, k)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise RuntimeError(f"{strategy}: the gathered state dict does not match the model "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
+    model.load_state_dict(state, strict=False)
+
+
+def _tied(model, key: str) -> bool:
+    """A tied weight (lm_head with the input embedding) may be gathered once, under the other name."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return any(key.endswith(k) for k in tied)
+
+
+def load_unsharded(path: str, model_cfg) -> torch.nn.Module:
+    """A model as one full copy on this process. Under ZeRO-3, transformers would partition it at
+    load (a collective that only rank 0 runs here), so DeepSpeed's loading hook is off meanwhile."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        return load_model(path, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def dpo_summary(logs: list[dict]) -> dict:
@@ -206,16 +341,17 @@ def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     model.train()
     # Full fine-tuning: generation k again, frozen, as the reference. LoRA: TRL disables the adapter.
     ref = None if train_cfg.lora.enabled else load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = None if sharding_requested() else {k: v.detach().clone() for k, v in model.state_dict().items()}
     guard = StopOnNonFinite()
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
                          callbacks=[guard])
+    check_strategy(trainer.accelerator)
     result = trainer.train()
     if guard.bad_step is not None:
         raise UserError(f"DPO loss became NaN or infinite at step {guard.bad_step}; "
                         "lower train.dpo.learning_rate or train.dpo.beta")
-    change = _save(trainer, before, tokenizer, out_model, train_cfg.lora.enabled)
+    change = _save(trainer, before, tokenizer, out_model, train_cfg.lora, parent, model_cfg)
     logs = trainer.state.log_history
     write_json(work_dir / "train_log.json", logs)
     losses = [r["loss"] for r in logs if "loss" in r]
@@ -231,6 +367,7 @@ def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model
 
     The SFT model lives in work_dir/sft_model only until DPO has written `out_model`; DPO's log is
     work_dir/train_log.json, SFT's work_dir/sft/train_log.json."""
+    import os
     import shutil
 
     from .preferences import check_preference_dataset
@@ -241,8 +378,10 @@ def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model
     dpo = train_dpo(str(sft_model), Path(data_dir) / "preference", out_model, train_cfg, model_cfg, seed,
                     Path(work_dir))
     shutil.rmtree(sft_model, ignore_errors=True)
-    start = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code).state_dict()
-    total = weight_change(start, load_model(str(out_model), model_cfg.dtype, model_cfg.trust_remote_code))
+    if int(os.environ.get("RANK", "0")) != 0:  # the worker keeps rank 0's result only
+        return {**dpo, "method": "sft_dpo", "sft": sft}
+    start = load_unsharded(parent, model_cfg).state_dict()
+    total = weight_change(start, load_unsharded(str(out_model), model_cfg))
     return {**dpo, "method": "sft_dpo", "sft": sft, "dpo_relative_l2": dpo["relative_l2"], **total}
 
 

@@ -8,8 +8,11 @@ With `train.num_processes > 1` the loop calls `launch(...)`: it writes a small J
 
 and reads back the result the main process wrote. The driver stays single-process: it never
 joins the process group, and its own memory holds no model while training runs. Every rank
-runs the same training function (data parallel); ranks other than 0 write their model copy
-to a scratch folder that is removed afterwards, so only rank 0 writes the next generation.
+runs the same training function. Under data parallel every rank holds the whole model: ranks
+other than 0 write their copy to a scratch folder that is removed afterwards. Under FSDP or
+DeepSpeed ZeRO-3 each rank holds a slice: the save gathers the full weights (a collective) and
+rank 0 alone writes them (`selftrain.train._save_gathered`). Either way only rank 0 writes the
+next generation.
 
 A worker that fails on a user error prints `selftrain-worker: error: ...` and exits 2; the
 launcher turns that, or any other failure, into one line naming the log file.
@@ -30,11 +33,6 @@ from .records import read_json, write_json
 
 DEFAULT_CONFIG = "builtin:conf/accelerate/cpu_multiprocess.yaml"
 ERROR_PREFIX = "selftrain-worker: error: "
-# Sharded strategies leave each rank holding a slice of the weights; train_sft saves
-# `trainer.model` as it is, which is right only when every rank holds the whole model.
-_SHARDED = "needs train_sft to gather sharded weights before saving (not done yet): use cpu_multiprocess.yaml " \
-           "(data parallel) or ZeRO-1/2"
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -46,7 +44,7 @@ def launch(function: str, num_processes: int, accelerate_config: str | None, wor
     """Run `selftrain.train.<function>(**kwargs)` on `num_processes` processes; return its result."""
     from omegaconf import DictConfig, OmegaConf
 
-    config = resolve(accelerate_config or DEFAULT_CONFIG, "train.accelerate_config")
+    config = check_accelerate_config(accelerate_config)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     args = {k: (OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else
@@ -60,7 +58,8 @@ def launch(function: str, num_processes: int, accelerate_config: str | None, wor
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--config_file", str(config), "--main_process_port", str(_free_port()),
            "-m", "selftrain.train_worker", str(spec_path)]
-    env = {**os.environ, "ACCELERATE_LOG_LEVEL": os.environ.get("ACCELERATE_LOG_LEVEL", "warning")}
+    env = {**os.environ, "ACCELERATE_LOG_LEVEL": os.environ.get("ACCELERATE_LOG_LEVEL", "warning"),
+           "SELFTRAIN_ACCELERATE_CONFIG": accelerate_config or DEFAULT_CONFIG}  # named in the ranks' errors
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     for scratch in work_dir.glob("rank-*"):
@@ -76,13 +75,46 @@ def launch(function: str, num_processes: int, accelerate_config: str | None, wor
     return read_json(Path(spec["result"]))
 
 
-def _check_not_sharded() -> None:
-    """`accelerate launch` tells each rank its strategy through these environment variables."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise UserError(f"train.accelerate_config: FSDP {_SHARDED}")
-    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
-        raise UserError(f"train.accelerate_config: DeepSpeed ZeRO-3 {_SHARDED}")
+def check_accelerate_config(value: str | None) -> Path:
+    """The accelerate config file `train.accelerate_config` names, checked before any process starts."""
+    import importlib.util
+
+    import yaml
+
+    key = f"train.accelerate_config={value or DEFAULT_CONFIG}"
+    path = resolve(value or DEFAULT_CONFIG, "train.accelerate_config")
+    try:
+        conf = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{key}: not a readable YAML file: {str(e).splitlines()[0]}") from e
+    if not isinstance(conf, dict) or not isinstance(conf.get("distributed_type"), str):
+        raise UserError(f"{key}: not an accelerate config (no `distributed_type:`); see conf/accelerate/")
+    kind = conf["distributed_type"].upper()
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"{key} needs deepspeed: pip install 'selftrain[deepspeed]'")
+    if kind == "DEEPSPEED":
+        _check_zero3_gathers(key, conf.get("deepspeed_config") or {})
+    return path
+
+
+def _check_zero3_gathers(key: str, ds: dict) -> None:
+    """ZeRO-3 must gather 16-bit weights at save (accelerate's get_state_dict refuses otherwise): in the
+    accelerate file (`zero3_save_16bit_model`) or in the DeepSpeed JSON it names."""
+    if ds.get("deepspeed_config_file"):
+        json_path = Path(os.path.expanduser(ds["deepspeed_config_file"])).resolve()  # accelerate: from the cwd
+        try:
+            zero = json.loads(json_path.read_text()).get("zero_optimization") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{key}: deepspeed_config_file {json_path}: not a readable JSON object: "
+                            f"{str(e).splitlines()[0]}") from e
+        stage, gathers, name = zero.get("stage"), zero.get("stage3_gather_16bit_weights_on_model_save"), \
+            f"{json_path}: zero_optimization.stage3_gather_16bit_weights_on_model_save"
+    else:
+        stage, gathers, name = ds.get("zero_stage"), ds.get("zero3_save_16bit_model"), \
+            "deepspeed_config.zero3_save_16bit_model"
+    if stage == 3 and gathers is not True:
+        raise UserError(f"{key}: ZeRO-3 needs {name}: true, or the train stage cannot gather the "
+                        "weights to write the next generation")
 
 
 def worker(spec_path: str) -> None:
@@ -100,10 +132,9 @@ def worker(spec_path: str) -> None:
     for key in ("data_dir", "out_model", "work_dir"):
         if key in kw:
             kw[key] = Path(kw[key])
-    if rank != 0:  # identical weights on every rank (data parallel): only rank 0 writes the generation
+    if rank != 0:  # only rank 0 writes the generation (see the module doc)
         scratch = kw["work_dir"] / f"rank-{rank}"
         kw["out_model"], kw["work_dir"] = scratch / "model", scratch
-    _check_not_sharded()
     result = getattr(train, spec["function"])(**kw)
     if rank == 0:
         import torch.distributed as dist
