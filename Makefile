@@ -11,8 +11,12 @@ PYTEST_ARGS ?=
 QUICK ?=
 BENCH_ARGS ?=
 
+# DeepSpeed runs the ZeRO-3 tests (tests/test_train_sharded.py skips them without it).
+DEEPSPEED_VERSION ?= 0.19.8
+
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selftrain-installed
+TEST_STAMP := $(VENV)/.selftrain-test-extras
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -32,13 +36,20 @@ $(STAMP): $(PY) pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# deepspeed is an sdist whose build imports torch: build it against the torch installed above
+# (without --no-build-isolation pip would fetch a multi-GB CUDA torch to build it).
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation "deepspeed==$(DEEPSPEED_VERSION)"
+	touch $(TEST_STAMP)
+
 run: setup
 	$(VENV)/bin/selftrain experiment=$(EXPERIMENT)
 
 smoke: setup
 	$(VENV)/bin/selftrain experiment=smoke
 
-test: setup
+test: setup $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
