@@ -29,9 +29,9 @@ class Sizes:
     repeats: int            # interleaved repeats of each A/B arm; the median is reported
 
 
-FULL = Sizes(prompts=32, single_prompts=8, max_new_tokens=96, batch_size=16, critique_prompts=16,
+FULL = Sizes(prompts=128, single_prompts=8, max_new_tokens=96, batch_size=64, critique_prompts=16,
              critique_tokens=48, revision_tokens=112, fewshot=1, sft_rows=32, sft_batch=8, sft_max_length=512,
-             copy_mb=512, matmul_n=2048, batch_sweep=(8, 16, 32), repeats=1)
+             copy_mb=512, matmul_n=2048, batch_sweep=(16, 32, 128), repeats=1)
 QUICK = Sizes(prompts=4, single_prompts=2, max_new_tokens=8, batch_size=4, critique_prompts=4,
               critique_tokens=8, revision_tokens=8, fewshot=1, sft_rows=8, sft_batch=4, sft_max_length=256,
               copy_mb=32, matmul_n=512, batch_sweep=(2, 4), repeats=1)

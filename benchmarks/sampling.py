@@ -65,6 +65,7 @@ def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
     if ablations:
         arms["pipeline_unsorted"] = lambda: pipeline_arm(model, tok, prompts, p, B, sort_by_length=False)
         arms["pipeline_no_prefix_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefix_cache=False)
+        arms["pipeline_transformers_nucleus"] = lambda: pipeline_arm(model, tok, prompts, p, B, fast_nucleus=False)
         arms["bare_static_cache"] = lambda: bare_arm(model, tok, prompts, p, B, cache_implementation="static")
         for bs in sizes.batch_sweep:
             if bs != B:

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from selftrain.models import load_model, load_tokenizer
 from selftrain.sample import HFSampler, SamplingParams
@@ -29,7 +30,6 @@ def test_greedy_batched_equals_one_at_a_time(sampler_parts):
 
 
 def test_stop_strings_end_the_reply_before_them(tiny_model):
-    import torch
 
     model, tok = load_model(str(tiny_model)), load_tokenizer(str(tiny_model))
     torch.manual_seed(0)
@@ -59,7 +59,6 @@ def test_sampling_is_seeded(sampler_parts):
 
 def _hand_logprobs(model, tok, text: str, options):
     """Unbatched, unpadded forward over the rendered text; log-softmax of the last logits."""
-    import torch
 
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -89,3 +88,67 @@ def test_option_logprobs_refuse_options_sharing_a_first_token(sampler_parts):
 
     with pytest.raises(UserError, match="cannot tell options 'Yes' and 'Yes, really' apart"):
         HFSampler(*sampler_parts).option_logprobs(CONVS[:1], ["Yes", "Yes, really"])
+
+
+def _hf_kept(scores, temperature, top_p):
+    """The token ids transformers' own temperature + top-p warpers keep, per row."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    s = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores.clone()))
+    return [set(torch.nonzero(torch.isfinite(row)).flatten().tolist()) for row in s]
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 1.0])
+def test_nucleus_sampling_keeps_what_transformers_keeps(top_p):
+    """Peaked rows (nucleus inside the top k) and flat rows (nucleus wider than k, the sorted
+    fallback): every draw lies in transformers' kept set, and the kept set is fully reachable."""
+
+    from selftrain.sample import NucleusSampling
+
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(3, 500, generator=g) * 6
+    flat = torch.randn(3, 500, generator=g) * 0.1
+    scores = torch.cat([peaked, flat])
+    kept = _hf_kept(scores, 0.7, top_p)
+    proc = NucleusSampling(0.7, top_p, k=16)
+    torch.manual_seed(0)
+    seen = [set() for _ in kept]
+    for _ in range(400):
+        out = proc(None, scores)
+        assert torch.equal((out == 0).sum(-1), torch.ones(len(kept), dtype=torch.long))
+        for r, tok in enumerate(out.argmax(-1).tolist()):
+            seen[r].add(tok)
+    for r in range(3):  # the peaked rows' nuclei are small: 400 draws reach all of it
+        assert seen[r] <= kept[r] and (top_p == 1.0 or seen[r] == kept[r])
+    for r in range(3, 6):
+        assert seen[r] <= kept[r] and len(kept[r]) > 16  # flat rows needed the sorted fallback
+    assert proc.widened >= 3 * 400
+
+
+def test_nucleus_sampling_draws_with_the_nucleus_probabilities():
+    """Frequencies over 20,000 seeded draws match the renormalised nucleus probabilities."""
+
+    from selftrain.sample import NucleusSampling
+
+    scores = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -5.0]])
+    p = torch.softmax(scores / 0.7, -1)[0]
+    before = p.cumsum(0) - p
+    nucleus = p * (before < 0.9)
+    expected = nucleus / nucleus.sum()
+    proc = NucleusSampling(0.7, 0.9, k=3)
+    torch.manual_seed(0)
+    counts = torch.zeros(7)
+    for _ in range(20000):
+        counts[proc(None, scores).argmax()] += 1
+    freq = counts / counts.sum()
+    assert freq[expected == 0].sum() == 0
+    assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+
+
+def test_fast_nucleus_is_seeded_and_differs_from_greedy(sampler_parts):
+    p = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    a = HFSampler(*sampler_parts, batch_size=3).chat(CONVS, p)
+    b = HFSampler(*sampler_parts, batch_size=3).chat(CONVS, p)
+    slow = HFSampler(*sampler_parts, batch_size=3, fast_nucleus=False).chat(CONVS, p)
+    greedy = HFSampler(*sampler_parts, batch_size=3).chat(CONVS, SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert a == b and a != greedy and len(slow) == len(a)

@@ -89,3 +89,18 @@ def test_max_batch_tokens_must_be_positive(tiny_model):
     cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", "sampler.max_batch_tokens=0"])
     with pytest.raises(UserError, match="sampler.max_batch_tokens=0"):
         validate(cfg)
+
+
+def test_memory_budget_sets_the_batch_token_budget(parts):
+    from selftrain.sample import kv_bytes_per_token
+
+    model = parts[0]
+    c = model.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert kv_bytes_per_token(model) == per_token
+    s = HFSampler(*parts, batch_size=16, memory_budget_gib=200 * per_token / 2**30)
+    assert s.max_batch_tokens == 200
+    ref = HFSampler(*parts, batch_size=1, prefix_cache=False).generate_ids(CONVS, GREEDY)
+    assert s.generate_ids(CONVS, GREEDY) == ref
+    assert s.take_stats()["batches"] > 1  # 16 rows would not fit in 200 tokens of cache
+    assert HFSampler(*parts, batch_size=16, max_batch_tokens=50, memory_budget_gib=1.0).max_batch_tokens == 50

@@ -46,6 +46,58 @@ class Sampler(Protocol):
         ...
 
 
+class NucleusSampling:
+    """Temperature and top-p sampling as a logits processor; `generate` then picks greedily.
+
+    transformers' own sampling sorts the whole vocabulary for top-p and draws with
+    `torch.multinomial` over all of it. For SmolLM2 (49,152 tokens) at batch 64 that was 121 ms
+    (sort) + 64 ms (the draw) of a 560 ms decoding step on this 2-core CPU (torch profiler,
+    2026-11-27). Here the nucleus is looked for among the `k` most likely tokens (`torch.topk`,
+    5.6 ms for k=256), widened to the whole sorted vocabulary only for rows whose nucleus is
+    larger, and the draw is among the nucleus alone. The processor returns 0 for the drawn
+    token and -inf elsewhere, so greedy selection takes it. The kept set is the one
+    transformers' TopPLogitsWarper keeps and the draw has the same distribution
+    (tests/test_sample.py); the random stream differs, so a seed gives other text than
+    transformers' sampling would, and the same text on every rerun.
+    """
+
+    def __init__(self, temperature: float, top_p: float, k: int = 256):
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"NucleusSampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        self.temperature, self.top_p, self.k = temperature, top_p, k
+        self.widened = 0  # rows whose nucleus did not fit in the top k (for benchmarks)
+
+    def _draw(self, probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of descending probabilities and their token ids: one draw from each row's nucleus."""
+        before = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
+        keep = before < self.top_p
+        keep[:, 0] = True
+        pick = torch.multinomial(probs * keep, 1)  # multinomial renormalises the kept mass
+        return idx.gather(1, pick).squeeze(1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        n, vocab = probs.shape
+        chosen = torch.empty(n, dtype=torch.long, device=scores.device)
+        k = vocab if self.top_p >= 1 else min(self.k, vocab)
+        if k < vocab:
+            top, idx = torch.topk(probs, k, dim=-1)
+            # a row fits when its top k hold top_p of the mass: then its nucleus is among them
+            fits = top.sum(-1) >= self.top_p
+        else:
+            fits = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        if fits.any():
+            chosen[fits] = self._draw(top[fits], idx[fits])
+        wide = ~fits
+        if wide.any():
+            self.widened += int(wide.sum())
+            full, fidx = torch.sort(probs[wide], dim=-1, descending=True)
+            chosen[wide] = self._draw(full, fidx)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen[:, None], 0.0)
+        return out
+
+
 class HFSampler:
     """transformers `generate` on length-sorted, left-padded batches.
 
@@ -59,15 +111,21 @@ class HFSampler:
     """
 
     # A shared prefix shorter than this is not worth a separate forward pass. Measured (2-core CPU,
-    # shared, 2026-11-27, SmolLM2-135M, median of 3 interleaved runs): the critique stage's
-    # few-shot prefix (~475 tokens, fewshot=1) ran 1.79x faster with the cache; the sample stage's bare
-    # system prompt (24 tokens) ran 0.83x (noisy). So only long prefixes use it.
-    MIN_PREFIX_TOKENS = 64
+    # 2026-11-27, SmolLM2-135M): the critique stage's few-shot prefix (~475 tokens) ran 1.3-1.8x
+    # faster with the cache; the sample stage's system prompt (24 tokens of ~45 per prompt) ran 1.25x
+    # faster at batch 64 on a quiet machine (190.7 against 152.8 tokens/s, 128 prompts, same text).
+    # An earlier 0.83x at batch 16 was on a shared, noisy machine.
+    MIN_PREFIX_TOKENS = 16
 
     def __init__(self, model, tokenizer, batch_size: int = 16, prefix_cache: bool = True,
-                 max_batch_tokens: int | None = None, sort_by_length: bool = True):
+                 max_batch_tokens: int | None = None, sort_by_length: bool = True, fast_nucleus: bool = True,
+                 memory_budget_gib: float | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.memory_budget_gib = memory_budget_gib
+        if max_batch_tokens is None and memory_budget_gib is not None:
+            max_batch_tokens = max(1, int(memory_budget_gib * 2**30 // kv_bytes_per_token(model)))
         self.prefix_cache, self.max_batch_tokens, self.sort_by_length = prefix_cache, max_batch_tokens, sort_by_length
+        self.fast_nucleus = fast_nucleus  # NucleusSampling instead of transformers' own sampling
         self.stats = self._zero_stats()
 
     @staticmethod
@@ -86,6 +144,8 @@ class HFSampler:
         import transformers
         return {"engine": "transformers", "version": transformers.__version__,
                 "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
+                "memory_budget_gib": self.memory_budget_gib,
+                "nucleus": "selftrain top-k bounded" if self.fast_nucleus else "transformers",
                 "prefix_cache": self.prefix_cache, "device": str(self.model.device)}
 
     def render(self, conversation: Conversation) -> str:
@@ -161,11 +221,15 @@ class HFSampler:
             dev = self.model.device
             extra = {"cache": self._cache(prefix_kv, len(idx))} if prefix_kv is not None else {}
             torch.manual_seed(params.seed * 1_000_003 + b)
+            if not greedy and self.fast_nucleus:
+                from transformers import LogitsProcessorList
+                extra["logits_processor"] = LogitsProcessorList([NucleusSampling(params.temperature, params.top_p)])
+            hf_sampling = not greedy and not self.fast_nucleus
             gen = self.model.generate(
                 input_ids=torch.tensor(rows, device=dev), attention_mask=torch.tensor(mask, device=dev),
-                max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p, top_k=None,
+                max_new_tokens=params.max_new_tokens, do_sample=hf_sampling,
+                temperature=params.temperature if hf_sampling else None,
+                top_p=params.top_p if hf_sampling else None, top_k=None,
                 repetition_penalty=params.repetition_penalty,
                 pad_token_id=pad, eos_token_id=eos, **extra,
                 # a row whose text reaches a stop string stops there (chat() cuts the string off)
@@ -211,6 +275,16 @@ class HFSampler:
             for r, i in enumerate(idx):
                 out[i] = [float(v) for v in logp[r]]
         return out
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes: layers x (keys + values) x KV heads x head dim x dtype size."""
+    c = model.config
+    c = getattr(c, "text_config", None) or c
+    heads = getattr(c, "num_attention_heads", 1)
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return int(c.num_hidden_layers * 2 * kv_heads * head_dim * next(model.parameters()).element_size())
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -63,15 +63,22 @@ class SamplerConfig:
     backend: str = _f("hf", "Sampling engine: hf (transformers generate in this process), vllm (vLLM's "
                             "offline engine; the `selftrain[vllm]` extra) or openai (any OpenAI-compatible "
                             "server: vllm serve, SGLang, TGI, llama.cpp, transformers serve).")
-    batch_size: int = _f(16, "Prompts per generate call; batches are length-sorted and left-padded. "
-                             "16 measured about 6x the tokens/s of one prompt at a time on 2 CPU cores.")
+    batch_size: int = _f(64, "Most prompts per generate call; batches are length-sorted and left-padded, and "
+                             "memory_budget_gib may make them smaller. On 2 CPU cores (SmolLM2-135M, 128 "
+                             "prompts, 96 new tokens) batch 64 gave 1.6x the tokens/s of batch 16, and batch "
+                             "128 no more than 64 (benchmarks, 2026-11-27).")
     max_new_tokens: int = _f(128, "Token budget of an initial response.")
-    prefix_cache: bool = _f(True, "Run the tokens every request of a call shares (64 or more: the few-shot "
-                                  "transcripts of the critique stage) through the model once and reuse their KV "
-                                  "cache; greedy outputs are unchanged. Measured 1.8x on the critique stage.")
+    prefix_cache: bool = _f(True, "Run the tokens every request of a call shares (16 or more: the chat "
+                                  "template's system prompt, the critique stage's few-shot transcripts) through "
+                                  "the model once and reuse their KV cache; outputs are unchanged. Measured 1.25x "
+                                  "on the sample stage and 1.3-1.8x on the critique stage (2 CPU cores).")
     max_batch_tokens: Optional[int] = _f(None, "KV-cache budget per batch in tokens: a batch takes as many "
                                                "prompts (up to batch_size) as fit rows x (longest prompt + "
-                                               "max_new_tokens) <= this. null: batch_size rows every batch.")
+                                               "max_new_tokens) <= this. null: derived from memory_budget_gib.")
+    memory_budget_gib: Optional[float] = _f(4.0, "KV-cache memory per batch (hf engine), when max_batch_tokens "
+                                                 "is null: max_batch_tokens = this / the model's KV bytes per "
+                                                 "token (layers x 2 x KV heads x head dim x dtype size; 46 KB "
+                                                 "for SmolLM2-135M in fp32). null: batch_size rows every batch.")
     temperature: float = _f(0.7, "Sampling temperature; 0 means greedy decoding.")
     top_p: float = _f(0.95, "Nucleus sampling mass.")
     repetition_penalty: float = _f(1.1, "transformers' repetition penalty; small models loop without it.")
@@ -284,6 +291,8 @@ def validate(cfg: Any) -> None:
     need(cfg.sampler.chunk_size >= 1, f"sampler.chunk_size={cfg.sampler.chunk_size}: must be at least 1")
     need(cfg.sampler.max_batch_tokens is None or cfg.sampler.max_batch_tokens >= 1,
          f"sampler.max_batch_tokens={cfg.sampler.max_batch_tokens}: must be at least 1 or null")
+    need(cfg.sampler.memory_budget_gib is None or cfg.sampler.memory_budget_gib > 0,
+         f"sampler.memory_budget_gib={cfg.sampler.memory_budget_gib}: must be above 0 or null")
     need(cfg.sampler.temperature >= 0, f"sampler.temperature={cfg.sampler.temperature}: must be >= 0")
     need(0 < cfg.sampler.top_p <= 1, f"sampler.top_p={cfg.sampler.top_p}: must be in (0, 1]")
     for key in ("max_new_tokens",):
