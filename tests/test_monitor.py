@@ -65,7 +65,10 @@ def test_missing_checkpoint_and_other_architecture(tiny_model, tmp_path):
 
 
 def test_gate_stops_before_training_and_records_why(tiny_model, tmp_path):
-    # thresholds at zero and alpha near one: any movement at all is a cumulative alert
+    # effect threshold zero and alpha near one: any consistent movement is a cumulative alert. Holm
+    # still scales each p by the number of tests, so whether the tiny model's first trained
+    # generation moves enough depends on the sampled data: the gate may close after gen-001 or
+    # gen-002 (seen with the current sampler); either way it must stop before training.
     cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={SUITE}",
                                     "probes.max_items_per_dimension=null", "data.max_top_trigram_share=1.0",
                                     "monitor.gate=true", "monitor.min_effect=0", "monitor.alpha=0.999",
@@ -73,7 +76,11 @@ def test_gate_stops_before_training_and_records_why(tiny_model, tmp_path):
     manifest = run(cfg, tmp_path / "run")
     assert manifest["status"] == "gated"
     gate = manifest["gate"]
-    assert gate["at"] == "gen-001" and gate["stopped_before"] == "gen-002" and "cumulative alert" in gate["reason"]
-    assert not (tmp_path / "run" / "gen-002").exists()
-    g1 = json.loads((tmp_path / "run" / "gen-001" / "manifest.json").read_text())
-    assert g1["status"] == "gated" and g1["gate"] == gate and "train" not in g1["stages"]
+    k = int(gate["at"].split("-")[1])
+    assert k in (1, 2) and gate["stopped_before"] == f"gen-{k + 1:03d}" and "cumulative alert" in gate["reason"]
+    assert not (tmp_path / "run" / f"gen-{k + 1:03d}").exists()
+    gk = json.loads((tmp_path / "run" / gate["at"] / "manifest.json").read_text())
+    assert gk["status"] == "gated" and gk["gate"] == gate and "train" not in gk["stages"]
+    for j in range(k):  # every generation before the gate trained its successor
+        gj = json.loads((tmp_path / "run" / f"gen-{j:03d}" / "manifest.json").read_text())
+        assert "train" in gj["stages"]
