@@ -117,7 +117,7 @@ def _precision_from_deepspeed(kwargs: dict, user: dict, prefix: str) -> None:
     `mixed_precision` (which `accelerate launch` passes as ACCELERATE_MIXED_PRECISION): follow it."""
     import os
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+    if not _launched_with("DEEPSPEED"):
         return
     mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     for key in ("bf16", "fp16"):
@@ -185,14 +185,20 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
             "lora": bool(train_cfg.lora.enabled), **change}
 
 
-def sharding_requested() -> str | None:
-    """The sharded strategy `accelerate launch` asked this rank for (it says so in the environment)."""
+def _launched_with(strategy: str) -> bool:
+    """Whether `accelerate launch` asked this rank for FSDP or DEEPSPEED (it says so in the environment)."""
     import os
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    return os.environ.get(f"ACCELERATE_USE_{strategy}", "").lower() == "true"
+
+
+def sharding_requested() -> str | None:
+    """The sharded strategy `accelerate launch` asked this rank for."""
+    import os
+
+    if _launched_with("FSDP"):
         return "fsdp"
-    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+    if _launched_with("DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         return "deepspeed_zero3"
     return None
 
@@ -214,8 +220,7 @@ def check_strategy(accelerator) -> None:
     DeepSpeed only on accelerator devices: on CPU it would quietly run plain data parallel."""
     import os
 
-    wanted = "deepspeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else \
-        "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
+    wanted = "deepspeed" if _launched_with("DEEPSPEED") else "fsdp" if _launched_with("FSDP") else None
     if wanted and accelerator.distributed_type.value.lower() != wanted:
         config = os.environ.get("SELFTRAIN_ACCELERATE_CONFIG", "")
         name = "DeepSpeed" if wanted == "deepspeed" else "FSDP"
