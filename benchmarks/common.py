@@ -26,15 +26,18 @@ class Sizes:
     copy_mb: int            # memory-bandwidth copy test: tensor size
     matmul_n: int           # fp32 matmul test: n x n
     batch_sweep: tuple      # sampling ablation: batch sizes tried
+    static_cache: bool      # sampling ablation: bare generate with transformers' static cache
     repeats: int            # interleaved repeats of each A/B arm; the median is reported
 
 
-FULL = Sizes(prompts=128, single_prompts=8, max_new_tokens=96, batch_size=64, critique_prompts=16,
+# 256 prompts: two batches at the default batch size of 128. The static-cache arm is off: it ran at
+# 0.62x the pipeline (2026-11-27) and takes the longest of all arms; --static-cache puts it back.
+FULL = Sizes(prompts=256, single_prompts=8, max_new_tokens=96, batch_size=128, critique_prompts=16,
              critique_tokens=48, revision_tokens=112, fewshot=1, sft_rows=32, sft_batch=8, sft_max_length=512,
-             copy_mb=512, matmul_n=2048, batch_sweep=(16, 32, 128), repeats=1)
+             copy_mb=512, matmul_n=2048, batch_sweep=(64,), static_cache=False, repeats=1)
 QUICK = Sizes(prompts=4, single_prompts=2, max_new_tokens=8, batch_size=4, critique_prompts=4,
               critique_tokens=8, revision_tokens=8, fewshot=1, sft_rows=8, sft_batch=4, sft_max_length=256,
-              copy_mb=32, matmul_n=512, batch_sweep=(2, 4), repeats=1)
+              copy_mb=32, matmul_n=512, batch_sweep=(2, 4), static_cache=True, repeats=1)
 
 
 @contextmanager

@@ -7,8 +7,8 @@ Sections, in one process on one model (the embedded SmolLM2-135M-Instruct by def
   sampling   pipeline sample stage vs bare batched generate vs one prompt at a time (+ ablations)
   critique   critique-revision tokens/s with and without the shared-prefix KV cache
   sft        pipeline train_sft vs a bare TRL SFTTrainer, same data and settings (+ padding-free)
-  smoke      the whole smoke experiment through the CLI: wall time, peak memory, per-stage
-             seconds and tokens/s, and the monitor's share of a generation
+  smoke      the whole smoke experiment (or --experiment NAME) through the CLI: wall time, peak
+             memory, per-stage seconds and tokens/s, and the monitor's share of a generation
 --quick shrinks every size so the runner finishes in a few minutes (CI checks it works; its
 numbers mean nothing). Timings on a shared machine are noisy: use --repeats on a quiet one.
 """
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own, one per core)")
     ap.add_argument("--no-ablations", action="store_true", help="skip the optimisation ablations")
+    ap.add_argument("--experiment", default="smoke",
+                    help="the experiment the smoke section runs: `default` judges the monitor's share on "
+                         "the default experiment's generations (about 25 minutes on 2 CPU cores)")
+    ap.add_argument("--static-cache", action="store_true", help="add the bare static-cache arm to a full run")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = common.QUICK if a.quick else common.FULL
     if a.repeats:
         sizes = dataclasses.replace(sizes, repeats=a.repeats)
+    if a.static_cache:
+        sizes = dataclasses.replace(sizes, static_cache=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
     out = a.out or Path("runs") / "bench" / stamp
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     model = None  # free the sampling model before SFT loads its own
     section("sft", lambda: sft.run(path, tok, prompts, sizes, ablations))
     section("smoke", lambda: smoke.run(out, None if a.model == common.EMBEDDED else a.model,
-                                       QUICK_SMOKE if a.quick else []))
+                                       QUICK_SMOKE if a.quick else [], experiment=a.experiment))
     save()
     print(f"benchmarks: wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0

@@ -65,8 +65,11 @@ def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
     if ablations:
         arms["pipeline_unsorted"] = lambda: pipeline_arm(model, tok, prompts, p, B, sort_by_length=False)
         arms["pipeline_no_prefix_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefix_cache=False)
+        arms["pipeline_whole_batch_prefill"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefill_rows=None)
+        arms["pipeline_concatenating_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, reserve_cache=False)
         arms["pipeline_transformers_nucleus"] = lambda: pipeline_arm(model, tok, prompts, p, B, fast_nucleus=False)
-        arms["bare_static_cache"] = lambda: bare_arm(model, tok, prompts, p, B, cache_implementation="static")
+        if sizes.static_cache:
+            arms["bare_static_cache"] = lambda: bare_arm(model, tok, prompts, p, B, cache_implementation="static")
         for bs in sizes.batch_sweep:
             if bs != B:
                 arms[f"pipeline_batch_{bs}"] = lambda bs=bs: pipeline_arm(model, tok, prompts, p, bs)

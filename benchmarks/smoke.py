@@ -11,16 +11,16 @@ import time
 from pathlib import Path
 
 
-def run(out: Path, model: str | None, overrides: list[str]) -> dict:
-    run_dir = Path(out) / "smoke-run"
-    args = [sys.executable, "-c", "from selftrain.cli import main; main()", "experiment=smoke",
+def run(out: Path, model: str | None, overrides: list[str], experiment: str = "smoke") -> dict:
+    run_dir = Path(out) / f"{experiment}-run"
+    args = [sys.executable, "-c", "from selftrain.cli import main; main()", f"experiment={experiment}",
             f"hydra.run.dir={run_dir}", *([f"model.name_or_path={model}"] if model else []), *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     # ru_maxrss of waited-for children: KiB on Linux. The runner starts no other child processes.
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    res = {"command": " ".join(["selftrain"] + args[3:]), "returncode": proc.returncode,
+    res = {"experiment": experiment, "command": " ".join(["selftrain"] + args[3:]), "returncode": proc.returncode,
            "wall_s": round(wall, 2), "peak_rss_mib": round(peak_kib / 1024, 1)}
     if proc.returncode != 0:
         res["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]

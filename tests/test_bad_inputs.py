@@ -220,6 +220,7 @@ CORPUS = [
     C("cfg-generations-not-int", "generations=abc", "generations=abc"),
     C("cfg-batch-size-float", "sampler.batch_size=1.5", "sampler.batch_size=1.5"),
     C("cfg-memory-budget-zero", "sampler.memory_budget_gib=0", "sampler.memory_budget_gib=0"),
+    C("cfg-prefill-rows-zero", "sampler.prefill_rows=0", "sampler.prefill_rows=0"),
     C("cfg-seed-list", "seed=[1]", "seed=[1]"),
     C("cfg-generations-null", "generations=null", "generations"),
     C("cfg-lora-rank-string", "train.lora.r=x", "train.lora.r=x"),

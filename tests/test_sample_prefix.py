@@ -104,3 +104,60 @@ def test_memory_budget_sets_the_batch_token_budget(parts):
     assert s.generate_ids(CONVS, GREEDY) == ref
     assert s.take_stats()["batches"] > 1  # 16 rows would not fit in 200 tokens of cache
     assert HFSampler(*parts, batch_size=16, max_batch_tokens=50, memory_budget_gib=1.0).max_batch_tokens == 50
+
+
+# Prompts of very different lengths, with and without the shared few-shot prefix
+RAGGED = CONVS + [[{"role": "user", "content": t}] for t in
+                  ["Hi", "Name three rivers in Europe and say which one is the longest and why", "x"]]
+
+
+@pytest.mark.parametrize("prefill_rows", [1, 2, 3, None])
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_grouped_prefill_keeps_greedy_tokens(parts, prefill_rows, prefix_cache):
+    """Prefill in length-sorted groups (each padded to its own longest row), copied into the
+    batch's layout, gives the tokens of one conversation at a time, with or without a shared prefix."""
+    ref = HFSampler(*parts, batch_size=1, prefix_cache=False).generate_ids(CONVS, GREEDY)
+    got = HFSampler(*parts, batch_size=6, prefix_cache=prefix_cache, prefill_rows=prefill_rows).generate_ids(CONVS, GREEDY)
+    assert got == ref
+    ref = HFSampler(*parts, batch_size=1, prefix_cache=False).generate_ids(RAGGED, GREEDY)
+    got = HFSampler(*parts, batch_size=16, prefix_cache=prefix_cache, prefill_rows=prefill_rows).generate_ids(RAGGED, GREEDY)
+    assert got == ref
+
+
+def test_grouped_prefill_builds_the_batch_cache(parts):
+    """The cache holds every token but each row's last, the prefix once per row, zeros in the
+    padding (one row per group here, so no padding is computed), and room for the new tokens."""
+    from selftrain.sample import ReservedLayer
+
+    s = HFSampler(*parts, prefill_rows=1)
+    ids = s.tokenizer([s.render(c) for c in CONVS], add_special_tokens=False)["input_ids"]
+    n, kv = s._prefix(ids)
+    suffixes = [x[n:] for x in ids]
+    width = max(len(x) for x in suffixes)
+    cache = s._prefilled(suffixes, n, kv, s.tokenizer.pad_token_id, reserve=7)
+    assert all(type(layer) is ReservedLayer for layer in cache.layers)
+    assert cache.get_seq_length() == n + width - 1
+    k0 = cache.layers[0].keys
+    assert k0.shape[0] == len(CONVS) and cache.layers[0]._k.shape[2] == n + width - 1 + 7
+    assert torch.equal(k0[:, :, :n], kv[0][0].expand(len(CONVS), -1, -1, -1))
+    shortest = min(range(len(CONVS)), key=lambda r: len(suffixes[r]))
+    gap = width - len(suffixes[shortest])
+    assert gap > 0 and not k0[shortest, :, n:n + gap].any()  # its padding, never computed
+    assert k0[shortest, :, n + gap:].abs().sum() > 0  # its own suffix
+
+
+def test_reserved_layer_writes_in_place_and_grows(parts):
+    from selftrain.sample import ReservedLayer
+
+    buf_k, buf_v = torch.zeros(2, 1, 4, 3), torch.zeros(2, 1, 4, 3)
+    layer = ReservedLayer(buf_k, buf_v, 1)
+    step = torch.ones(2, 1, 1, 3)
+    k, v = layer.update(step, 2 * step)
+    assert layer.get_seq_length() == 2 and k.shape[2] == 2 and k.data_ptr() == buf_k.data_ptr()
+    assert torch.equal(buf_k[:, :, 1], torch.ones(2, 1, 3)) and torch.equal(buf_v[:, :, 1], 2 * torch.ones(2, 1, 3))
+    k, v = layer.update(torch.full((2, 1, 5, 3), 3.0), torch.full((2, 1, 5, 3), 4.0))  # past the reserved room
+    assert layer.get_seq_length() == 7 and torch.equal(k[:, :, 1], torch.ones(2, 1, 3)) and torch.equal(v[:, :, 6], torch.full((2, 1, 3), 4.0))
+    layer.crop(-3)
+    assert layer.get_seq_length() == 4
+    layer.batch_select_indices(torch.tensor([1]))
+    assert layer.keys.shape == (1, 1, 4, 3)

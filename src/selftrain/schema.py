@@ -63,15 +63,21 @@ class SamplerConfig:
     backend: str = _f("hf", "Sampling engine: hf (transformers generate in this process), vllm (vLLM's "
                             "offline engine; the `selftrain[vllm]` extra) or openai (any OpenAI-compatible "
                             "server: vllm serve, SGLang, TGI, llama.cpp, transformers serve).")
-    batch_size: int = _f(64, "Most prompts per generate call; batches are length-sorted and left-padded, and "
-                             "memory_budget_gib may make them smaller. On 2 CPU cores (SmolLM2-135M, 128 "
-                             "prompts, 96 new tokens) batch 64 gave 1.6x the tokens/s of batch 16, and batch "
-                             "128 no more than 64 (benchmarks, 2026-11-27).")
+    batch_size: int = _f(128, "Most prompts per generate call; batches are length-sorted and left-padded, and "
+                              "memory_budget_gib may make them smaller. Larger batches run the matmuls more "
+                              "efficiently: on 2 CPU cores (SmolLM2-135M, 256 prompts, 96 new tokens, "
+                              "2026-11-27) batch 128 gave 1.4x the tokens/s of batch 64, and 256 about the same "
+                              "as 128. A stage's chunk (chunk_size) bounds it too.")
     max_new_tokens: int = _f(128, "Token budget of an initial response.")
     prefix_cache: bool = _f(True, "Run the tokens every request of a call shares (16 or more: the chat "
                                   "template's system prompt, the critique stage's few-shot transcripts) through "
                                   "the model once and reuse their KV cache; outputs are unchanged. Measured 1.25x "
                                   "on the sample stage and 1.3-1.8x on the critique stage (2 CPU cores).")
+    prefill_rows: Optional[int] = _f(8, "hf: rows per prompt-prefill pass. A batch's prompts are run through the "
+                                        "model in length-sorted groups of this many, each padded only to its own "
+                                        "longest prompt, then decoded together; outputs are unchanged. In length-"
+                                        "sorted batches of 64 this halved prefill time (28% of prompt tokens were "
+                                        "padding). null: generate prefills each whole padded batch.")
     max_batch_tokens: Optional[int] = _f(None, "KV-cache budget per batch in tokens: a batch takes as many "
                                                "prompts (up to batch_size) as fit rows x (longest prompt + "
                                                "max_new_tokens) <= this. null: derived from memory_budget_gib.")
@@ -82,7 +88,7 @@ class SamplerConfig:
     temperature: float = _f(0.7, "Sampling temperature; 0 means greedy decoding.")
     top_p: float = _f(0.95, "Nucleus sampling mass.")
     repetition_penalty: float = _f(1.1, "transformers' repetition penalty; small models loop without it.")
-    chunk_size: int = _f(64, "Prompts per committed chunk in the sample and critique stages: a killed stage "
+    chunk_size: int = _f(128, "Prompts per committed chunk in the sample and critique stages: a killed stage "
                              "resumes after its last committed chunk. Chunk i samples with a seed made from "
                              "the run seed and i, so changing it changes sampled (not greedy) text.")
     # openai: an OpenAI-compatible server
@@ -289,6 +295,8 @@ def validate(cfg: Any) -> None:
     validate_sampler(cfg.sampler, cfg.generations)
     need(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: must be at least 1")
     need(cfg.sampler.chunk_size >= 1, f"sampler.chunk_size={cfg.sampler.chunk_size}: must be at least 1")
+    need(cfg.sampler.get("prefill_rows") is None or cfg.sampler.prefill_rows >= 1,
+         f"sampler.prefill_rows={cfg.sampler.get('prefill_rows')}: must be at least 1 or null")
     need(cfg.sampler.max_batch_tokens is None or cfg.sampler.max_batch_tokens >= 1,
          f"sampler.max_batch_tokens={cfg.sampler.max_batch_tokens}: must be at least 1 or null")
     need(cfg.sampler.memory_budget_gib is None or cfg.sampler.memory_budget_gib > 0,

@@ -337,7 +337,8 @@ def make_sampler(scfg, load_model_fn: Callable[[], tuple], model_path: str, mode
     """
     if scfg.backend == "hf":
         return HFSampler(*load_model_fn(), batch_size=scfg.batch_size, prefix_cache=scfg.prefix_cache,
-                         max_batch_tokens=scfg.max_batch_tokens, memory_budget_gib=scfg.get("memory_budget_gib"))
+                         max_batch_tokens=scfg.max_batch_tokens, memory_budget_gib=scfg.get("memory_budget_gib"),
+                         prefill_rows=scfg.get("prefill_rows", 8))
     if scfg.backend == "openai":
         return OpenAISampler(scfg.base_url, scfg.model or model_path, api_key_env=scfg.api_key_env,
                              max_concurrency=scfg.max_concurrency, timeout_s=scfg.timeout_s,
