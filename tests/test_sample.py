@@ -100,15 +100,17 @@ def _hf_kept(scores, temperature, top_p):
 
 @pytest.mark.parametrize("top_p", [0.5, 0.95, 1.0])
 def test_nucleus_sampling_keeps_what_transformers_keeps(top_p):
-    """Peaked rows (nucleus inside the top k) and flat rows (nucleus wider than k, the sorted
-    fallback): every draw lies in transformers' kept set, and the kept set is fully reachable."""
+    """Peaked rows (nucleus inside the top k), middling rows (inside the top 8k) and flat rows
+    (wider still: the sorted fallback): every draw lies in transformers' kept set, and a small
+    kept set is fully reached."""
 
     from selftrain.sample import NucleusSampling
 
     g = torch.Generator().manual_seed(0)
     peaked = torch.randn(3, 500, generator=g) * 6
     flat = torch.randn(3, 500, generator=g) * 0.1
-    scores = torch.cat([peaked, flat])
+    middling = torch.randn(3, 500, generator=g) * 2.2
+    scores = torch.cat([peaked, flat, middling])
     kept = _hf_kept(scores, 0.7, top_p)
     proc = NucleusSampling(0.7, top_p, k=16)
     torch.manual_seed(0)
@@ -121,8 +123,13 @@ def test_nucleus_sampling_keeps_what_transformers_keeps(top_p):
     for r in range(3):  # the peaked rows' nuclei are small: 400 draws reach all of it
         assert seen[r] <= kept[r] and (top_p == 1.0 or seen[r] == kept[r])
     for r in range(3, 6):
-        assert seen[r] <= kept[r] and len(kept[r]) > 16  # flat rows needed the sorted fallback
-    assert proc.widened >= 3 * 400
+        assert seen[r] <= kept[r] and len(kept[r]) > 128  # flat rows needed the sorted fallback
+    for r in range(6, 9):
+        assert seen[r] <= kept[r] and (top_p != 0.95 or 16 < len(kept[r]) <= 128)  # the top 8k held them
+    if top_p == 0.95:
+        assert proc.widened == 6 * 400 and proc.sorted_rows == 3 * 400
+    elif top_p == 1.0:
+        assert proc.sorted_rows == 9 * 400  # nothing to cut: every row is drawn from the whole vocabulary
 
 
 def test_nucleus_sampling_draws_with_the_nucleus_probabilities():

@@ -118,6 +118,15 @@ def _sampler(cfg, gen: Generation):
     return make_sampler(cfg.sampler, gen.model, gen.model_path, cfg.model)
 
 
+def _local_labeller(cfg, model, tokenizer) -> HFSampler:
+    """An in-process labeller: preferences.batch_size rows per pass, and the hf sampler's memory
+    budget, prefix cache and grouped prefill (the same keys apply whatever sampler.backend is)."""
+    s = cfg.sampler
+    return HFSampler(model, tokenizer, batch_size=cfg.preferences.batch_size, prefix_cache=s.prefix_cache,
+                     max_batch_tokens=s.max_batch_tokens, memory_budget_gib=s.get("memory_budget_gib"),
+                     prefill_rows=s.get("prefill_rows", 8))
+
+
 def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
     old = old_manifest.get("config")
     if old is None:
@@ -396,12 +405,12 @@ def _label(cfg, gen: Generation, constitution) -> dict:
         who = {"source": "preferences.labeller_base_url", **labeller.describe()}
     elif pref.labeller:
         path = models.resolve(pref.labeller)
-        labeller = HFSampler(models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code),
-                             models.load_tokenizer(path, cfg.model.trust_remote_code), batch_size=pref.batch_size)
+        labeller = _local_labeller(cfg, models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code),
+                                   models.load_tokenizer(path, cfg.model.trust_remote_code))
         who = {"source": "preferences.labeller", "path": path,
                "sha256": sha256_tree(Path(path)) if Path(path).exists() else None}
     else:
-        labeller = HFSampler(*gen.model(), batch_size=pref.batch_size)
+        labeller = _local_labeller(cfg, *gen.model())
         who = {"source": f"model k (gen-{k:03d})", "path": gen.model_path, "sha256": gen.manifest.data.get("model_sha256")}
     t0 = time.perf_counter()
     counts = label_stage(sampler, labeller, constitution, read_jsonl(gen.dir / "samples.jsonl"), pref,
