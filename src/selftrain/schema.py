@@ -66,8 +66,8 @@ class SamplerConfig:
     batch_size: int = _f(128, "Most prompts per generate call; batches are length-sorted and left-padded, and "
                               "memory_budget_gib may make them smaller. Larger batches run the matmuls more "
                               "efficiently: on 2 CPU cores (SmolLM2-135M, 256 prompts, 96 new tokens, "
-                              "2026-11-27) batch 128 gave 1.4x the tokens/s of batch 64, and 256 about the same "
-                              "as 128. A stage's chunk (chunk_size) bounds it too.")
+                              "2026-11-27) batch 128 gave 1.24x the tokens/s of batch 64 (interleaved, 3 "
+                              "rounds). A stage's chunk (chunk_size) bounds it too.")
     max_new_tokens: int = _f(128, "Token budget of an initial response.")
     prefix_cache: bool = _f(True, "Run the tokens every request of a call shares (16 or more: the chat "
                                   "template's system prompt, the critique stage's few-shot transcripts) through "
