@@ -65,6 +65,7 @@ def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
     if ablations:
         arms["pipeline_unsorted"] = lambda: pipeline_arm(model, tok, prompts, p, B, sort_by_length=False)
         arms["pipeline_no_prefix_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefix_cache=False)
+        # generate prefills each padded batch itself (and so its cache concatenates, as transformers' does)
         arms["pipeline_whole_batch_prefill"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefill_rows=None)
         arms["pipeline_concatenating_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, reserve_cache=False)
         arms["pipeline_transformers_nucleus"] = lambda: pipeline_arm(model, tok, prompts, p, B, fast_nucleus=False)
