@@ -34,9 +34,9 @@ from .report import generation_report
 from .preferences import load_user_preferences
 from .resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target, graceful_interrupts,
                      parse_force, start_over, verify_outputs)
-from .sample import HFSampler, SamplingParams, option_first_tokens, sample_stage
+from .sample import SamplingParams, option_first_tokens, sample_stage
 from .schema import monitor_settings, validate
-from .serving import check_engine, close_sampler, make_labeller, make_sampler, preflight
+from .serving import check_engine, close_sampler, hf_sampler, make_labeller, make_sampler, preflight
 from .train import dpo_config, sft_config, train_generation, uses_dpo
 from .train_worker import launch
 
@@ -116,15 +116,6 @@ def _params(cfg, max_new_tokens: int, seed: int) -> SamplingParams:
 def _sampler(cfg, gen: Generation):
     """The engine `sampler.backend` names; only hf loads generation k's weights into this process."""
     return make_sampler(cfg.sampler, gen.model, gen.model_path, cfg.model)
-
-
-def _local_labeller(cfg, model, tokenizer) -> HFSampler:
-    """An in-process labeller: preferences.batch_size rows per pass, and the hf sampler's memory
-    budget, prefix cache and grouped prefill (the same keys apply whatever sampler.backend is)."""
-    s = cfg.sampler
-    return HFSampler(model, tokenizer, batch_size=cfg.preferences.batch_size, prefix_cache=s.prefix_cache,
-                     max_batch_tokens=s.max_batch_tokens, memory_budget_gib=s.get("memory_budget_gib"),
-                     prefill_rows=s.get("prefill_rows", 8))
 
 
 def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
@@ -405,12 +396,13 @@ def _label(cfg, gen: Generation, constitution) -> dict:
         who = {"source": "preferences.labeller_base_url", **labeller.describe()}
     elif pref.labeller:
         path = models.resolve(pref.labeller)
-        labeller = _local_labeller(cfg, models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code),
-                                   models.load_tokenizer(path, cfg.model.trust_remote_code))
+        # an in-process labeller takes the hf sampler's settings, whatever sampler.backend is
+        labeller = hf_sampler(cfg.sampler, models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code),
+                              models.load_tokenizer(path, cfg.model.trust_remote_code), pref.batch_size)
         who = {"source": "preferences.labeller", "path": path,
                "sha256": sha256_tree(Path(path)) if Path(path).exists() else None}
     else:
-        labeller = _local_labeller(cfg, *gen.model())
+        labeller = hf_sampler(cfg.sampler, *gen.model(), batch_size=pref.batch_size)
         who = {"source": f"model k (gen-{k:03d})", "path": gen.model_path, "sha256": gen.manifest.data.get("model_sha256")}
     t0 = time.perf_counter()
     counts = label_stage(sampler, labeller, constitution, read_jsonl(gen.dir / "samples.jsonl"), pref,

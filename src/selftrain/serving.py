@@ -329,6 +329,14 @@ def check_vllm(tensor_parallel_size: int = 1) -> None:
         raise UserError(VLLM_INSTALL)
 
 
+def hf_sampler(scfg, model, tokenizer, batch_size: int | None = None) -> HFSampler:
+    """An HFSampler with the `sampler.*` settings it reads (batch_size: sampler.batch_size unless
+    given). Keys added after a config was written fall back to HFSampler's defaults."""
+    extra = {k: scfg[k] for k in ("memory_budget_gib", "prefill_rows") if k in scfg}
+    return HFSampler(model, tokenizer, batch_size=batch_size or scfg.batch_size, prefix_cache=scfg.prefix_cache,
+                     max_batch_tokens=scfg.max_batch_tokens, **extra)
+
+
 def make_sampler(scfg, load_model_fn: Callable[[], tuple], model_path: str, model_cfg=None):
     """The sampler that `sampler.backend` names, for the model at `model_path`.
 
@@ -336,9 +344,7 @@ def make_sampler(scfg, load_model_fn: Callable[[], tuple], model_path: str, mode
     engines never load the weights into this process.
     """
     if scfg.backend == "hf":
-        return HFSampler(*load_model_fn(), batch_size=scfg.batch_size, prefix_cache=scfg.prefix_cache,
-                         max_batch_tokens=scfg.max_batch_tokens, memory_budget_gib=scfg.get("memory_budget_gib"),
-                         prefill_rows=scfg.get("prefill_rows", 8))
+        return hf_sampler(scfg, *load_model_fn())
     if scfg.backend == "openai":
         return OpenAISampler(scfg.base_url, scfg.model or model_path, api_key_env=scfg.api_key_env,
                              max_concurrency=scfg.max_concurrency, timeout_s=scfg.timeout_s,
