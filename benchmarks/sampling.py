@@ -11,6 +11,7 @@ import torch
 
 from selftrain.sample import HFSampler, SamplingParams, sample_stage
 
+from . import hardware
 from .common import eos_set, interleave, median, new_token_count, rate, ratio
 
 
@@ -47,18 +48,35 @@ def bare_arm(model, tok, prompts, p, batch_size, **gen_kw) -> dict:
     return {"seconds": time.perf_counter() - t0, "new_tokens": tokens, "batches": batches}
 
 
+def bracketed(arm, matmul_n: int) -> dict:
+    """The arm's result with the fp32 matmul throughput measured just before and just after it.
+    This machine's speed drifted by up to 25% over minutes (2026-11-27), so a roofline measured
+    in another section can be off by as much; the better of the two bracketing measurements
+    gives the roofline the arm is judged against (the higher, so the stricter)."""
+    before = hardware.matmul_flops(matmul_n)["gflop_per_s"]
+    r = arm()
+    after = hardware.matmul_flops(matmul_n)["gflop_per_s"]
+    return {**r, "matmul_gflop_per_s_around": max(before, after)}
+
+
 def _summ(runs: list[dict]) -> dict:
     rates = [rate(r["new_tokens"], r["seconds"]) for r in runs]
-    return {"tokens_per_s": median(rates), "seconds": median([round(r["seconds"], 3) for r in runs]),
-            "new_tokens": median([r["new_tokens"] for r in runs]), "batches": runs[0]["batches"],
-            "runs": len(runs)}
+    out = {"tokens_per_s": median(rates), "seconds": median([round(r["seconds"], 3) for r in runs]),
+           "new_tokens": median([r["new_tokens"] for r in runs]), "batches": runs[0]["batches"],
+           "runs": len(runs)}
+    if "matmul_gflop_per_s_around" in runs[0]:
+        # per run: its tokens/s against the flops measured around it; the median run's
+        out["matmul_gflop_per_s_around"] = median([r["matmul_gflop_per_s_around"] for r in runs])
+        out["tokens_per_gflop_around"] = median([rate(r["new_tokens"], r["seconds"]) / r["matmul_gflop_per_s_around"]
+                                                 for r in runs])
+    return out
 
 
 def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
     p = params(sizes)
     B = sizes.batch_size
     arms = {
-        "pipeline": lambda: pipeline_arm(model, tok, prompts, p, B),
+        "pipeline": lambda: bracketed(lambda: pipeline_arm(model, tok, prompts, p, B), sizes.matmul_n),
         "bare_batched_generate": lambda: bare_arm(model, tok, prompts, p, B),
         "one_at_a_time": lambda: bare_arm(model, tok, prompts[:sizes.single_prompts], p, 1),
     }
@@ -68,6 +86,10 @@ def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
         # generate prefills each padded batch itself (and so its cache concatenates, as transformers' does)
         arms["pipeline_whole_batch_prefill"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefill_rows=None)
         arms["pipeline_concatenating_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, reserve_cache=False)
+        # transformers' generate decodes the prefilled batch instead of our loop (_decode)
+        arms["pipeline_generate_loop"] = lambda: pipeline_arm(model, tok, prompts, p, B, decode_loop=False)
+        arms["pipeline_unpacked_output_layer"] = lambda: pipeline_arm(model, tok, prompts, p, B,
+                                                                      pack_output_layer=False)
         arms["pipeline_transformers_nucleus"] = lambda: pipeline_arm(model, tok, prompts, p, B, fast_nucleus=False)
         if sizes.static_cache:
             arms["bare_static_cache"] = lambda: bare_arm(model, tok, prompts, p, B, cache_implementation="static")

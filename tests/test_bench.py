@@ -20,8 +20,12 @@ def test_quick_benchmark_writes_every_section(tiny_model, tmp_path):
         assert sec in res, sec
     assert res["hardware"]["copy"]["gb_per_s"] > 0 and res["hardware"]["matmul"]["gflop_per_s"] > 0
     assert res["hardware"]["roofline"]["roofline_tok_s"] > 0
+    # the target's roofline is measured around the pipeline arm
+    assert res["sampling"]["arms"]["pipeline"]["matmul_gflop_per_s_around"] > 0
+    assert res["targets"]["sampling_of_roofline"]["value"] == res["hardware"]["pipeline_sampling_of_roofline_around"] > 0
     arms = res["sampling"]["arms"]
-    assert {"pipeline", "bare_batched_generate", "one_at_a_time"} <= set(arms)
+    assert {"pipeline", "bare_batched_generate", "one_at_a_time", "pipeline_generate_loop",
+            "pipeline_unpacked_output_layer"} <= set(arms)
     assert all(arms[a]["new_tokens"] > 0 for a in ("pipeline", "bare_batched_generate", "one_at_a_time"))
     crit = res["critique"]["arms"]
     assert crit["prefix_cache"]["prefix_tokens_reused"] > 0 and crit["no_prefix_cache"]["prefix_tokens_reused"] == 0

@@ -161,3 +161,48 @@ def test_reserved_layer_writes_in_place_and_grows(parts):
     assert layer.get_seq_length() == 4
     layer.batch_select_indices(torch.tensor([1]))
     assert layer.keys.shape == (1, 1, 4, 3)
+
+
+def test_decode_loop_gives_generates_tokens_when_rows_end_early(parts, monkeypatch):
+    """Our decoding loop against transformers' generate on the same prefilled cache: the same greedy
+    tokens, with rows ending at different steps and leaving the batch as they do."""
+    from selftrain.sample import ReservedLayer
+
+    s = HFSampler(*parts, batch_size=16)
+    assert s.describe()["decode_loop"] == "selftrain"
+    free = s.generate_ids(RAGGED, GREEDY)
+    # a token some rows make early, some late and some never becomes the end-of-sequence token
+    firsts: dict[int, set[int]] = {}  # token -> the steps at which rows first make it
+    for r in free:
+        for j, t in enumerate(r[:-1]):
+            if t not in r[:j]:
+                firsts.setdefault(t, set()).add(j)
+    end = max(firsts, key=lambda t: len(firsts[t]))
+    tok = parts[1]
+    dropped = []
+    orig = ReservedLayer.batch_select_indices
+    monkeypatch.setattr(ReservedLayer, "batch_select_indices", lambda self, i: (dropped.append(len(i)), orig(self, i))[1])
+    was, tok.eos_token = tok.eos_token, tok.convert_ids_to_tokens(end)
+    try:
+        assert tok.eos_token_id == end
+        got = s.generate_ids(RAGGED, GREEDY)
+        ref = HFSampler(*parts, batch_size=16, decode_loop=False).generate_ids(RAGGED, GREEDY)
+    finally:
+        tok.eos_token = was
+    assert got == ref
+    assert len({len(r) for r in got}) > 2 and any(r[-1] == end for r in got)
+    assert dropped and min(dropped) < len(RAGGED)  # finished rows left the batch
+
+
+def test_decode_loop_draws_what_generate_draws(parts):
+    """Sampling with a repetition penalty: the same processing and random stream as generate with
+    our nucleus processor, so the same seed gives the same text, also after rows have ended and
+    left the batch (each row's uniform number is drawn whether or not its row is still there)."""
+    early = 0
+    for seed in range(6):
+        p = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, repetition_penalty=1.3, seed=seed)
+        ours = HFSampler(*parts, batch_size=16).generate_ids(RAGGED, p)
+        assert ours == HFSampler(*parts, batch_size=16, decode_loop=False).generate_ids(RAGGED, p)
+        assert len({tuple(r) for r in ours}) > 2
+        early += sum(len(r) < 8 for r in ours)
+    assert early > 0  # some row ended early in some batch, so some batch shrank
