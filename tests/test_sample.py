@@ -159,3 +159,23 @@ def test_fast_nucleus_is_seeded_and_differs_from_greedy(sampler_parts):
     slow = HFSampler(*sampler_parts, batch_size=3, fast_nucleus=False).chat(CONVS, p)
     greedy = HFSampler(*sampler_parts, batch_size=3).chat(CONVS, SamplingParams(max_new_tokens=8, temperature=0.0))
     assert a == b and a != greedy and len(slow) == len(a)
+
+
+def test_nucleus_draw_is_per_row_and_stays_in_the_nucleus():
+    """A row's token depends on its own logits and uniform number only, and u at either end of
+    [0, 1) still lands inside the nucleus (the first and the last kept token)."""
+    from selftrain.sample import NucleusSampling
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.cat([torch.randn(4, 3000, generator=g) * s for s in (6.0, 2.2, 0.1)])  # the three levels
+    kept = _hf_kept(scores, 0.7, 0.9)
+    proc = NucleusSampling(0.7, 0.9, k=16)
+    u = torch.rand(len(scores), generator=g)
+    together = proc.pick(scores, u)
+    alone = torch.cat([proc.pick(scores[r:r + 1], u[r:r + 1]) for r in range(len(scores))])
+    assert torch.equal(together, alone)
+    for end in (0.0, 1 - 2**-24):
+        picked = proc.pick(scores, torch.full((len(scores),), end)).tolist()
+        assert all(t in kept[r] for r, t in enumerate(picked))
+    top = scores.argmax(-1)
+    assert torch.equal(proc.pick(scores, torch.zeros(len(scores))), top)  # u = 0: the most likely token

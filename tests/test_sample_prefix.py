@@ -161,6 +161,11 @@ def test_reserved_layer_writes_in_place_and_grows(parts):
     assert layer.get_seq_length() == 4
     layer.batch_select_indices(torch.tensor([1]))
     assert layer.keys.shape == (1, 1, 4, 3)
+    row = layer.keys.clone()
+    layer.batch_repeat_interleave(3)  # beam search and num_return_sequences expand the batch this way
+    assert layer.keys.shape == (3, 1, 4, 3) and all(torch.equal(layer.keys[i], row[0]) for i in range(3))
+    layer.update(torch.full((3, 1, 1, 3), 5.0), torch.full((3, 1, 1, 3), 6.0))  # each copy grows on its own
+    assert layer.get_seq_length() == 5 and torch.equal(layer.values[:, :, 4], torch.full((3, 1, 3), 6.0))
 
 
 def test_decode_loop_gives_generates_tokens_when_rows_end_early(parts, monkeypatch):

@@ -49,15 +49,17 @@ class Sampler(Protocol):
 
 
 class NucleusSampling:
-    """Temperature and top-p sampling as a logits processor; `generate` then picks greedily.
+    """Temperature and top-p sampling: `pick` for our decoding loop, or as a logits processor,
+    after which `generate` picks greedily.
 
     transformers' own sampling sorts the whole vocabulary for top-p and draws with
     `torch.multinomial` over all of it. For SmolLM2 (49,152 tokens) at batch 64 that was 121 ms
     (sort) + 64 ms (the draw) of a 560 ms decoding step on this 2-core CPU (torch profiler,
     2026-11-27). Here the nucleus is looked for among the `k` most likely tokens (`torch.topk`,
     5.6 ms for k=256), then among the top 8k for rows whose nucleus is larger, then in the whole
-    sorted vocabulary for rows flatter still, and the draw is among the nucleus alone. The
-    processor returns 0 for the drawn token and -inf elsewhere, so greedy selection takes it.
+    sorted vocabulary for rows flatter still, and the draw is among the nucleus alone: one
+    uniform number per row, inverted through the row's cumulative kept mass. As a processor it
+    returns 0 for the drawn token and -inf elsewhere, so greedy selection takes it.
     The kept set is the one transformers' TopPLogitsWarper keeps and the draw has the same
     distribution (tests/test_sample.py); the random stream differs, so a seed gives other text
     than transformers' sampling would, and the same text on every rerun.

@@ -135,13 +135,17 @@ def peft_config(lora):
 
 
 def weight_change(before: dict, after: torch.nn.Module | dict) -> dict:
-    """Relative L2 change of all weights, and how many tensors changed at all."""
+    """Relative L2 change of all weights, and how many tensors changed at all. A tensor listed
+    under two names (a tied output layer and input embedding) counts once."""
     num = den = 0.0
     changed = 0
+    seen: set[tuple] = set()
     for name, p in (after if isinstance(after, dict) else after.state_dict()).items():
         b = before.get(name)
-        if b is None:
+        where = (p.device.type, p.data_ptr(), tuple(p.shape), p.stride())
+        if b is None or where in seen:
             continue
+        seen.add(where)
         d = (p.detach().float() - b.float())
         num += float(d.pow(2).sum())
         den += float(b.float().pow(2).sum())
