@@ -77,7 +77,8 @@ class SamplerConfig:
                                         "model in length-sorted groups of this many, each padded only to its own "
                                         "longest prompt, then decoded together; outputs are unchanged. In length-"
                                         "sorted batches of 64 this halved prefill time (28% of prompt tokens were "
-                                        "padding). null: generate prefills each whole padded batch.")
+                                        "padding). The prefilled batch is then decoded by selftrain's own loop (ended rows leave the "
+                                        "batch). null: transformers' generate prefills and decodes each whole padded batch.")
     max_batch_tokens: Optional[int] = _f(None, "KV-cache budget per batch in tokens: a batch takes as many "
                                                "prompts (up to batch_size) as fit rows x (longest prompt + "
                                                "max_new_tokens) <= this. null: derived from memory_budget_gib.")
