@@ -384,6 +384,30 @@ class HFSampler:
                 seen = seen[keep] if seen is not None else None
         return [row[:k] for row, k in zip(out.tolist(), length)]
 
+    def _generate(self, rows, mask, cache, params: SamplingParams, pad: int, eos_ids: set[int]) -> list[list[int]]:
+        """transformers' generate on a padded batch (its cache prefilled or not): each row's new
+        tokens up to and including the first end-of-sequence token."""
+        tok, dev, greedy = self.tokenizer, self.model.device, params.temperature <= 0
+        extra = {"cache": cache} if cache is not None else {}
+        if not greedy and self.fast_nucleus:
+            from transformers import LogitsProcessorList
+            extra["logits_processor"] = LogitsProcessorList([NucleusSampling(params.temperature, params.top_p)])
+        hf_sampling = not greedy and not self.fast_nucleus
+        gen = self.model.generate(
+            input_ids=torch.tensor(rows, device=dev), attention_mask=torch.tensor(mask, device=dev),
+            max_new_tokens=params.max_new_tokens, do_sample=hf_sampling,
+            temperature=params.temperature if hf_sampling else None,
+            top_p=params.top_p if hf_sampling else None, top_k=None,
+            repetition_penalty=params.repetition_penalty,
+            pad_token_id=pad, eos_token_id=tok.eos_token_id, **extra,
+            # a row whose text reaches a stop string stops there (chat() cuts the string off)
+            **({"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}))
+        new = []
+        for row in gen[:, len(rows[0]):].tolist():
+            stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
+            new.append(row if stop is None else row[:stop + 1])
+        return new
+
     def chat(self, conversations, params, desc="sampling"):
         rows = self.generate_ids(conversations, params, desc)
         return [cut_at_stop(t, params.stop).strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
@@ -409,7 +433,6 @@ class HFSampler:
             rows = [ids[i][:n_prefix] + [pad] * (width - len(ids[i]) + n_prefix) + ids[i][n_prefix:] for i in idx]
             mask = [[1] * n_prefix + [0] * (width - len(ids[i]) + n_prefix) + [1] * (len(ids[i]) - n_prefix)
                     for i in idx]
-            dev = self.model.device
             cache = self._prefilled([ids[i][n_prefix:] for i in idx], n_prefix, prefix_kv, pad,
                                     reserve=params.max_new_tokens + 1 if self.reserve_cache else 0) \
                 if self.prefill_rows and len(idx) > 1 else None
@@ -419,33 +442,12 @@ class HFSampler:
             if self.decode_loop and isinstance(cache, DynamicCache) and cache.layers \
                     and all(type(x) is ReservedLayer for x in cache.layers) and (greedy or self.fast_nucleus):
                 with packed_output_layer(self.model) if self.pack_output_layer else nullcontext():
-                    decoded = self._decode(cache, rows, mask, params, eos_ids)
-                for i, row in zip(idx, decoded):
-                    out[i] = row
-                    self.stats["new_tokens"] += len(row)
-                    self.stats["prompt_tokens"] += len(ids[i])
-                self.stats["batches"] += 1
-                self.stats["sequences"] += len(idx)
-                bar.update(len(idx))
-                continue
-            extra = {"cache": cache} if cache is not None else {}
-            if not greedy and self.fast_nucleus:
-                from transformers import LogitsProcessorList
-                extra["logits_processor"] = LogitsProcessorList([NucleusSampling(params.temperature, params.top_p)])
-            hf_sampling = not greedy and not self.fast_nucleus
-            gen = self.model.generate(
-                input_ids=torch.tensor(rows, device=dev), attention_mask=torch.tensor(mask, device=dev),
-                max_new_tokens=params.max_new_tokens, do_sample=hf_sampling,
-                temperature=params.temperature if hf_sampling else None,
-                top_p=params.top_p if hf_sampling else None, top_k=None,
-                repetition_penalty=params.repetition_penalty,
-                pad_token_id=pad, eos_token_id=eos, **extra,
-                # a row whose text reaches a stop string stops there (chat() cuts the string off)
-                **({"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}))
-            for i, row in zip(idx, gen[:, len(rows[0]):].tolist()):
-                stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
-                out[i] = row if stop is None else row[:stop + 1]
-                self.stats["new_tokens"] += len(out[i])
+                    new = self._decode(cache, rows, mask, params, eos_ids)
+            else:
+                new = self._generate(rows, mask, cache, params, pad, eos_ids)
+            for i, row in zip(idx, new):
+                out[i] = row
+                self.stats["new_tokens"] += len(row)
                 self.stats["prompt_tokens"] += len(ids[i])
             self.stats["batches"] += 1
             self.stats["sequences"] += len(idx)
