@@ -64,11 +64,8 @@ def _summ(runs: list[dict]) -> dict:
     out = {"tokens_per_s": median(rates), "seconds": median([round(r["seconds"], 3) for r in runs]),
            "new_tokens": median([r["new_tokens"] for r in runs]), "batches": runs[0]["batches"],
            "runs": len(runs)}
-    if "matmul_gflop_per_s_around" in runs[0]:
-        # per run: its tokens/s against the flops measured around it; the median run's
+    if "matmul_gflop_per_s_around" in runs[0]:  # the roofline around the arm: median, like tokens/s
         out["matmul_gflop_per_s_around"] = median([r["matmul_gflop_per_s_around"] for r in runs])
-        out["tokens_per_gflop_around"] = median([rate(r["new_tokens"], r["seconds"]) / r["matmul_gflop_per_s_around"]
-                                                 for r in runs])
     return out
 
 
