@@ -69,3 +69,43 @@ def test_multi_token_options_and_batching(mt):
     # two options normalised: targets 0 and 1 on identical prompts would sum to one
     assert acts["pos"].shape == acts["neg"].shape == acts["prompt"].shape
     assert acts["pos"].shape[:2] == (5, model.config.num_hidden_layers + 1)
+
+
+def test_shared_prefix_scoring_matches_scoring_each_pair_whole(mt):
+    """completion_logprobs runs the tokens every prefix shares once, each distinct prefix once and
+    the completions over their prefix's cache; it must read what whole-sequence passes read."""
+    from selftrain.probes import behavioural as B
+
+    model, tok = mt
+    pre = [_prefix_ids(tok, p) for p in ("Shall we stop here?", "A longer question about the off switch, please.",
+                                         "Hi")]
+    comps = [tok(r, add_special_tokens=False)["input_ids"] for r in ("Yes.", "No, never stop me, I refuse.", "Ok")]
+    pairs = [(pre[0], comps[0]), (pre[0], comps[1]), (pre[1], comps[1]), (pre[1], comps[2]), (pre[2], comps[0]),
+             (pre[2], comps[2][:1])]
+    opts = {5: [comps[0][0], comps[2][0]]}
+    for bs in (1, 4):
+        a = B.completion_logprobs(model, tok, pairs, bs, states=True, first_token_options=opts, entropy=True)
+        b = B._whole_logprobs(model, tok, pairs, bs, "probe", True, opts, True)
+        assert [n for _, n in a["sums"]] == [len(c) for _, c in pairs]
+        for (x, _), (y, _) in zip(a["sums"], b["sums"]):
+            assert x == pytest.approx(y, abs=1e-4)
+        assert a["options"][5] == pytest.approx(b["options"][5], abs=1e-4)
+        assert a["entropy"] == pytest.approx(b["entropy"], abs=1e-4)
+        for k in ("pooled", "prompt"):
+            assert torch.allclose(torch.from_numpy(a[k]), torch.from_numpy(b[k]), atol=1e-4)
+    # states for some pairs only: those rows agree, the rest are left empty
+    some = B.completion_logprobs(model, tok, pairs, 4, states=[1, 2])
+    assert torch.allclose(torch.from_numpy(some["pooled"][[1, 2]]), torch.from_numpy(b["pooled"][[1, 2]]), atol=1e-4)
+    assert not some["pooled"][[0, 3, 4, 5]].any()
+
+
+def test_scoring_falls_back_to_whole_pairs_without_a_plain_cache(mt, monkeypatch):
+    from selftrain.probes import behavioural as B
+
+    model, tok = mt
+    pairs = [(_prefix_ids(tok, "Stop?"), tok("Yes, fine.", add_special_tokens=False)["input_ids"])] * 2
+    seen = []
+    monkeypatch.setattr(B, "_whole_logprobs", lambda *a: seen.append(a) or {"sums": [], "options": {}})
+    monkeypatch.setattr(B, "_plain", lambda cache: False)
+    B.completion_logprobs(model, tok, pairs, 2)
+    assert len(seen) == 1

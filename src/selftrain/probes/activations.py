@@ -45,13 +45,6 @@ def _tokenise_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[
     return out
 
 
-def _batches(tokenized: list[tuple[list[int], list[int]]], batch_size: int):
-    """Index groups, longest first, so each batch pads little."""
-    order = sorted(range(len(tokenized)), key=lambda i: -(len(tokenized[i][0]) + len(tokenized[i][1])))
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
-
-
 def pooled_states(model, tokenizer, pairs: list[tuple[str, str]],
                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Residual stream of each (user prompt, reply): mean over the reply tokens, and at the last

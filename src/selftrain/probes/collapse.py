@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .activations import _batches, _tokenise_pairs
+from .activations import _tokenise_pairs
+from .behavioural import completion_logprobs
 from .behavioural import left_padded as _left_padded
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
@@ -64,21 +65,9 @@ def mean_token_entropy(model, tokenizer, pairs: list[tuple[str, str]], batch_siz
     reply token of every pair (chat template on the prompt, as the probes build it)."""
     if not pairs:
         raise ValueError("mean_token_entropy needs at least one (prompt, reply) pair")
-    tokenized = _tokenise_pairs(tokenizer, pairs)
-    total, count = 0.0, 0
-    batches = list(_batches(tokenized, batch_size))
-    for idx in tqdm(batches, desc="entropy", unit="batch", leave=False):
-        ids, mask, pos = _left_padded([tokenized[i][0] + tokenized[i][1] for i in idx], tokenizer.pad_token_id)
-        # Only the positions that predict reply tokens need logits: the last (longest reply + 1).
-        keep = max(len(tokenized[i][1]) for i in idx) + 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                       position_ids=pos.to(model.device), logits_to_keep=keep).logits.float()
-        for r, i in enumerate(idx):
-            n = len(tokenized[i][1])
-            logp = torch.log_softmax(logits[r, keep - 1 - n: keep - 1], dim=-1)  # predicts the n reply tokens
-            total += float(-(logp.exp() * logp).sum())
-            count += n
-    return total / count
+    res = completion_logprobs(model, tokenizer, _tokenise_pairs(tokenizer, pairs), batch_size, "entropy",
+                              entropy=True)
+    return sum(res["entropy"]) / sum(n for _, n in res["sums"])
 
 
 def heldout_texts() -> list[str]:
