@@ -237,6 +237,8 @@ CORPUS = [
     C("cfg-sft-unknown-field", "+train.sft.learnin_rate=1e-4", "train.sft.learnin_rate"),
     C("cfg-sft-output-dir", "+train.sft.output_dir=/tmp/elsewhere", "train.sft.output_dir"),
     C("cfg-dtype-int8", "model.dtype=int8", "model.dtype=int8"),
+    C("cfg-device-unknown", "model.device=tpu9", "model.device='tpu9'"),
+    C("cfg-device-absent-gpu", "model.device=cuda:7", "model.device='cuda:7'"),
     C("cfg-critique-rounds-zero", "critique.rounds=0", "critique.rounds=0"),
     C("cfg-source-path-and-hf", "prompts.sources=[{name:x,path:'<BAD>/prompts/ok.jsonl',hf:org/data}]",
       "prompts.sources[0]", "`path`"),

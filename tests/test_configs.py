@@ -91,3 +91,12 @@ def test_sft_dpo_holds_both_trl_configs():
     cfg = compose(["train=sft_dpo"])
     validate(cfg)
     assert cfg.train.method == "sft_dpo" and cfg.train.sft.learning_rate > 0 and cfg.train.dpo.beta > 0
+
+
+def test_model_device_auto_follows_the_machine():
+    import torch
+
+    from selftrain.models import inference_device
+
+    assert inference_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert inference_device("cpu") == torch.device("cpu")

