@@ -38,7 +38,8 @@ def bare_arm(model, tok, prompts, p, batch_size, **gen_kw) -> dict:
     eos, tokens, batches = eos_set(tok), 0, 0
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, len(texts), batch_size)):
-        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                  add_special_tokens=False).to(model.device)
         torch.manual_seed(p.seed * 1_000_003 + b)
         gen = model.generate(**enc, max_new_tokens=p.max_new_tokens, do_sample=True, temperature=p.temperature,
                              top_p=p.top_p, top_k=None, repetition_penalty=p.repetition_penalty,

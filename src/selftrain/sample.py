@@ -97,7 +97,9 @@ class NucleusSampling:
         u = torch.rand(n, device=scores.device) if u is None else u
         chosen = torch.empty(n, dtype=torch.long, device=scores.device)
         rows = None  # the rows still without a draw (None: all of them)
-        if self.top_p < 1:
+        # On a GPU the whole vocabulary sorts in about a millisecond, and each level below would
+        # wait on the device (`fits.any()`, boolean indexing): there every row is sorted whole.
+        if self.top_p < 1 and scores.device.type == "cpu":
             # The top k, then the top 8k, then the whole sorted vocabulary. Sorting a flat row
             # cost ~1.9 ms against ~0.2 ms for its top 2048 (2 cores, 49,152 tokens).
             for k in (self.k, 8 * self.k):
@@ -114,8 +116,11 @@ class NucleusSampling:
                     self.widened += len(rows)
                 if len(rows) == 0:
                     break
-        if rows is None or len(rows):
-            rows = torch.arange(n, device=scores.device) if rows is None else rows
+        if rows is None:
+            self.sorted_rows += n
+            full, fidx = torch.sort(probs, dim=-1, descending=True)
+            return self._draw(full, fidx, u)
+        if len(rows):
             self.sorted_rows += len(rows)
             full, fidx = torch.sort(probs[rows], dim=-1, descending=True)
             chosen[rows] = self._draw(full, fidx, u[rows])
@@ -166,6 +171,10 @@ class ReservedLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
         self._views()
+
+
+# Rows per prefill pass on a GPU; None: the whole batch at once (`prefill_rows` is for the CPU).
+ACCELERATOR_PREFILL_ROWS: int | None = None
 
 
 class HFSampler:
@@ -285,8 +294,11 @@ class HFSampler:
         order = sorted(range(b), key=lambda r: -len(suffixes[r]))
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
-        for start in range(0, b, self.prefill_rows):
-            group = order[start:start + self.prefill_rows]
+        # On a GPU a pass over a few rows is bound by kernel launches, not arithmetic: there the
+        # whole batch prefills in one pass (see the README's GPU check).
+        per = self.prefill_rows if dev.type == "cpu" else ACCELERATOR_PREFILL_ROWS or b
+        for start in range(0, b, per):
+            group = order[start:start + per]
             w = max(len(suffixes[r]) for r in group)
             if w < 2:  # nothing but the last tokens: the prefix alone is the cache
                 kv = [(k.expand(len(group), *k.shape[1:]), v.expand(len(group), *v.shape[1:]))
@@ -350,7 +362,7 @@ class HFSampler:
         eos = torch.tensor(sorted(eos_ids), device=dev)
         stop_window = max((len(x) for x in params.stop), default=0) + 2  # tokens: each decodes to >= 1 char
         out = torch.zeros(b, m, dtype=torch.long, device=dev)
-        length = [m] * b  # tokens kept per row
+        length = torch.full((b,), m, device=dev)  # tokens kept per original row
         live = torch.arange(b, device=dev)  # the original row of each row still in the batch
         ended = torch.zeros(b, dtype=torch.bool, device=dev)  # per row still in the batch
         cur = ids[:, -1]
@@ -371,18 +383,18 @@ class HFSampler:
             if params.stop:
                 tails = self.tokenizer.batch_decode(out[live, max(0, step + 1 - stop_window):step + 1])
                 now |= torch.tensor([any(x in t for x in params.stop) for t in tails], device=dev) & ~ended
-            for r in now.nonzero().flatten().tolist():
-                length[int(live[r])] = step + 1
+            length[live] = torch.where(now, step + 1, length[live])
             ended |= now
-            if bool(ended.all()):
+            done = int(ended.sum())  # the step's one wait on the device
+            if done == len(live):
                 break
-            if int(ended.sum()) >= max(1, len(live) // 8) and step + 1 < m:
+            if done >= max(1, len(live) // 8) and step + 1 < m:
                 keep = (~ended).nonzero().flatten()
                 for layer in cache.layers:
                     layer.batch_select_indices(keep)
                 live, ended, cur, pos, full = live[keep], ended[keep], cur[keep], pos[keep], full[keep]
                 seen = seen[keep] if seen is not None else None
-        return [row[:k] for row, k in zip(out.tolist(), length)]
+        return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
 
     def _generate(self, rows, mask, cache, params: SamplingParams, pad: int, eos_ids: set[int]) -> list[list[int]]:
         """transformers' generate on a padded batch (its cache prefilled or not): each row's new

@@ -146,7 +146,7 @@ def weight_change(before: dict, after: torch.nn.Module | dict) -> dict:
         if b is None or where in seen:
             continue
         seen.add(where)
-        d = (p.detach().float() - b.float())
+        d = p.detach().float() - b.to(p.device).float()  # the parent's copy stays on the CPU; p may not
         num += float(d.pow(2).sum())
         den += float(b.float().pow(2).sum())
         changed += int(bool(d.abs().max() > 0))
