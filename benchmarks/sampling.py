@@ -86,8 +86,7 @@ def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
         arms["pipeline_concatenating_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, reserve_cache=False)
         # transformers' generate decodes the prefilled batch instead of our loop (_decode)
         arms["pipeline_generate_loop"] = lambda: pipeline_arm(model, tok, prompts, p, B, decode_loop=False)
-        arms["pipeline_unpacked_output_layer"] = lambda: pipeline_arm(model, tok, prompts, p, B,
-                                                                      pack_output_layer=False)
+        arms["pipeline_unpacked_linears"] = lambda: pipeline_arm(model, tok, prompts, p, B, pack_linears=False)
         arms["pipeline_transformers_nucleus"] = lambda: pipeline_arm(model, tok, prompts, p, B, fast_nucleus=False)
         if sizes.static_cache:
             arms["bare_static_cache"] = lambda: bare_arm(model, tok, prompts, p, B, cache_implementation="static")

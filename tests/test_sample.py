@@ -179,3 +179,22 @@ def test_nucleus_draw_is_per_row_and_stays_in_the_nucleus():
         assert all(t in kept[r] for r, t in enumerate(picked))
     top = scores.argmax(-1)
     assert torch.equal(proc.pick(scores, torch.zeros(len(scores))), top)  # u = 0: the most likely token
+
+
+def test_packed_linears_agree_and_are_restored(monkeypatch):
+    """Large linear layers run packed inside the context (same outputs), small ones stay plain,
+    and every module is back afterwards."""
+    import selftrain.sample as S
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64, bias=False), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    before = [type(m) for m in model]
+    x = torch.randn(5, 3, 16)
+    want = model(x)
+    monkeypatch.setattr(S, "PACK_MIN_WEIGHTS", 16 * 64)
+    with torch.inference_mode(), S.packed_linears(model):
+        if torch.backends.mkldnn.is_available():
+            assert type(model[0]) is not torch.nn.Linear and type(model[2]) is torch.nn.Linear
+        got = model(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert [type(m) for m in model] == before
