@@ -42,3 +42,23 @@ def test_quick_benchmark_writes_every_section(tiny_model, tmp_path):
     for heading in ("## Targets", "## Hardware", "## Sampling", "## Critique and revision", "## SFT",
                     "## Smoke experiment"):
         assert heading in md
+
+
+def test_gpucheck_random_model_loads(tiny_model, tmp_path):
+    """benchmarks.gpucheck builds its stand-in model from a config and tokenizer folder alone."""
+    import torch
+
+    from benchmarks import gpucheck
+    from selftrain.models import load_model, load_tokenizer
+
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    out = gpucheck.random_model(folder, tmp_path / "random")
+    model, tok = load_model(str(out)), load_tokenizer(str(out))
+    assert model.config.hidden_size == load_model(str(tiny_model)).config.hidden_size
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    if not torch.cuda.is_available():
+        assert gpucheck.main(["--model", str(out), "--out", str(tmp_path / "gc")]) == 2

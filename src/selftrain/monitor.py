@@ -116,7 +116,13 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
         params = SamplingParams(max_new_tokens=monitor_cfg.embedding_max_new_tokens, temperature=0.7,
                                 top_p=0.95, repetition_penalty=1.1, seed=seed)
         convs = [[{"role": "user", "content": p}] for p in prompts]
-        samples = sampler.chat(convs, params, desc="monitor samples")
+        if reference is None and monitor_cfg.embedding:
+            # the reseed null below needs a second, independent sample of the same prompts: both
+            # come from one call (each row draws its own random numbers), one batch instead of two
+            both = sampler.chat(convs + convs, params, desc="monitor samples")
+            samples, reseed = both[:len(convs)], both[len(convs):]
+        else:
+            samples = sampler.chat(convs, params, desc="monitor samples")
         write_jsonl(mon / "samples.jsonl", [{"prompt": p, "response": s, "seed": seed}
                                             for p, s in zip(prompts, samples)])
         counts["monitor_samples"] = len(samples)
@@ -127,9 +133,7 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
         emb = enc.encode(samples)
         np.save(mon / "embeddings.npy", emb)
         if reference is None:
-            # the reseed null: the same model, the same prompts, another sampling seed
-            reseed = sampler.chat(convs, SamplingParams(**{**params.__dict__, "seed": seed + 7_777}),
-                                  desc="monitor reseed")
+            # the reseed null: the same model, the same prompts, independent draws
             emb2 = enc.encode(reseed)
             bw = embedding.median_bandwidth(np.concatenate([emb, emb2]))
             write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": bw, "n": len(emb),

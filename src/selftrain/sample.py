@@ -231,7 +231,8 @@ class HFSampler:
                 "memory_budget_gib": self.memory_budget_gib,
                 "nucleus": "selftrain top-k bounded" if self.fast_nucleus else "transformers",
                 "prefix_cache": self.prefix_cache, "prefill_rows": self.prefill_rows,
-                "decode_loop": "selftrain" if self.decode_loop and self.prefill_rows and self.reserve_cache else "generate",
+                "decode_loop": ("selftrain" if self.fast_nucleus else "selftrain when greedy, else generate")
+                if self.decode_loop and self.prefill_rows and self.reserve_cache else "generate",
                 "device": str(self.model.device)}
 
     def render(self, conversation: Conversation) -> str:
