@@ -230,7 +230,9 @@ class HFSampler:
                 "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
                 "memory_budget_gib": self.memory_budget_gib,
                 "nucleus": "selftrain top-k bounded" if self.fast_nucleus else "transformers",
-                "prefix_cache": self.prefix_cache, "prefill_rows": self.prefill_rows,
+                "prefix_cache": self.prefix_cache,
+                "prefill_rows": self.prefill_rows if self.model.device.type == "cpu" or not self.prefill_rows
+                else ACCELERATOR_PREFILL_ROWS or "whole batch",
                 "decode_loop": ("selftrain" if self.fast_nucleus else "selftrain when greedy, else generate")
                 if self.decode_loop and self.prefill_rows and self.reserve_cache else "generate",
                 "device": str(self.model.device)}
