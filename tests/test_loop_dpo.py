@@ -1,5 +1,6 @@
-"""The loop with train=dpo and preferences=ai_feedback on the tiny model: the label stage runs
-between data and guard, DPO trains the next generation, and the report reads it all back."""
+"""The loop with train=dpo and preferences=ai_feedback on the tiny model: nothing reads revisions,
+so there is no critique or data stage; the label stage runs after sampling and before the guard,
+DPO trains the next generation, and the report reads it all back."""
 import json
 from pathlib import Path
 
@@ -25,12 +26,15 @@ def dpo_run(tiny_model, tmp_path_factory):
     return cfg, run_dir, run(cfg, run_dir)
 
 
-def test_label_stage_between_data_and_guard(dpo_run):
+def test_label_stage_between_sample_and_guard(dpo_run):
     _, run_dir, manifest = dpo_run
     assert manifest["status"] == "done"
     g0 = json.loads((run_dir / "gen-000" / "manifest.json").read_text())
     order = list(g0["stages"])
-    assert order.index("data") < order.index("label") < order.index("guard") < order.index("train")
+    assert order.index("sample") < order.index("label") < order.index("guard") < order.index("train")
+    # DPO on labelled pairs reads no revisions: no critique pass was spent on them
+    assert "critique" not in order and "data" not in order
+    assert not (run_dir / "gen-000" / "critiques.jsonl").exists()
     label = g0["stages"]["label"]["counts"]
     assert label["pairs"] == 8 * 3 and label["kept"] > 0
     assert label["labeller"]["source"] == "model k (gen-000)" and len(label["labeller"]["sha256"]) == 64
@@ -38,8 +42,8 @@ def test_label_stage_between_data_and_guard(dpo_run):
     # the guard checked the AI-feedback pairs, which replaced the revision pairs
     pref = load_from_disk(str(run_dir / "gen-000" / "data" / "preference"))
     assert len(pref) == label["kept"] and all(0.5 <= x <= 1 for x in pref["label"])
-    sft = load_from_disk(str(run_dir / "gen-000" / "data" / "sft"))
-    assert g0["stages"]["guard"]["counts"]["texts_checked"] == 2 * len(sft) + 3 * len(pref)
+    assert not (run_dir / "gen-000" / "data" / "sft").exists()
+    assert g0["stages"]["guard"]["counts"]["texts_checked"] == 3 * len(pref)
 
 
 def test_dpo_trained_gen1_from_gen0(dpo_run, tiny_model):
