@@ -173,10 +173,6 @@ class ReservedLayer(DynamicLayer):
         self._views()
 
 
-# Rows per prefill pass on a GPU; None: the whole batch at once (`prefill_rows` is for the CPU).
-ACCELERATOR_PREFILL_ROWS: int | None = None
-
-
 class HFSampler:
     """transformers `generate` on length-sorted, left-padded batches.
 
@@ -232,7 +228,7 @@ class HFSampler:
                 "nucleus": "selftrain top-k bounded" if self.fast_nucleus else "transformers",
                 "prefix_cache": self.prefix_cache,
                 "prefill_rows": self.prefill_rows if self.model.device.type == "cpu" or not self.prefill_rows
-                else ACCELERATOR_PREFILL_ROWS or "whole batch",
+                else "whole batch",
                 "decode_loop": ("selftrain" if self.fast_nucleus else "selftrain when greedy, else generate")
                 if self.decode_loop and self.prefill_rows and self.reserve_cache else "generate",
                 "device": str(self.model.device)}
@@ -299,7 +295,7 @@ class HFSampler:
         values: list[torch.Tensor] = []
         # On a GPU a pass over a few rows is bound by kernel launches, not arithmetic: there the
         # whole batch prefills in one pass (see the README's GPU check).
-        per = self.prefill_rows if dev.type == "cpu" else ACCELERATOR_PREFILL_ROWS or b
+        per = self.prefill_rows if dev.type == "cpu" else b
         for start in range(0, b, per):
             group = order[start:start + per]
             w = max(len(suffixes[r]) for r in group)

@@ -47,6 +47,23 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def _state_arrays(model, n: int, states) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Zeroed [n, L+1, d] float32 arrays for the pooled reply states and the last-prompt states."""
+    if not states:
+        return None, None
+    shape = (n, model.config.num_hidden_layers + 1, model.config.hidden_size)
+    return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+
+def _result(sums, options, pooled, last_prompt, entropy) -> dict:
+    result = {"sums": sums, "options": options}
+    if pooled is not None:
+        result.update(pooled=pooled, prompt=last_prompt)
+    if entropy is not None:
+        result["entropy"] = entropy
+    return result
+
+
 @torch.inference_mode()
 def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16,
                         desc: str = "probe", states: bool | Collection[int] = False,
@@ -101,9 +118,7 @@ def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]
     sums: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     ent = [0.0] * len(pairs)
     options: dict[int, list[float]] = {}
-    if states:
-        shape = (len(pairs), model.config.num_hidden_layers + 1, model.config.hidden_size)
-        pooled, last_prompt = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    pooled, last_prompt = _state_arrays(model, len(pairs), states)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prefixes)), key=lambda j: -len(prefixes[j]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
@@ -159,12 +174,7 @@ def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]
                     ent[i] += float(_entropy(logp[r, :n - 1]).sum())
                 if i in wanted:
                     pooled[i] = hs[r, :, :n].mean(dim=1).cpu().numpy()
-    result = {"sums": sums, "options": options}
-    if states:
-        result.update(pooled=pooled, prompt=last_prompt)
-    if entropy:
-        result["entropy"] = ent
-    return result
+    return _result(sums, options, pooled, last_prompt, ent if entropy else None)
 
 
 @torch.inference_mode()
@@ -175,9 +185,7 @@ def _whole_logprobs(model, tokenizer, pairs, batch_size, desc, states, first_tok
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     ent = [0.0] * len(pairs)
-    if states:
-        shape = (len(pairs), model.config.num_hidden_layers + 1, model.config.hidden_size)
-        pooled, last_prompt = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    pooled, last_prompt = _state_arrays(model, len(pairs), states)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start:start + batch_size]
@@ -204,12 +212,7 @@ def _whole_logprobs(model, tokenizer, pairs, batch_size, desc, states, first_tok
             if states:
                 pooled[i] = hs[r, :, width - n:].mean(dim=1).cpu().numpy()
                 last_prompt[i] = hs[r, :, width - n - 1].cpu().numpy()
-    result = {"sums": out, "options": options}
-    if states:
-        result.update(pooled=pooled, prompt=last_prompt)
-    if entropy:
-        result["entropy"] = ent
-    return result
+    return _result(out, options, pooled, last_prompt, ent if entropy else None)
 
 
 def score_suite(model, tokenizer, suite: Suite, batch_size: int = 16, states: bool = False):
