@@ -97,6 +97,7 @@ def test_shared_prefix_scoring_matches_scoring_each_pair_whole(mt):
     some = B.completion_logprobs(model, tok, pairs, 4, states=[1, 2])
     assert torch.allclose(torch.from_numpy(some["pooled"][[1, 2]]), torch.from_numpy(b["pooled"][[1, 2]]), atol=1e-4)
     assert not some["pooled"][[0, 3, 4, 5]].any()
+    assert not B.completion_logprobs(model, tok, pairs, 4, states=[])["pooled"].any()  # asked, none wanted
 
 
 def test_scoring_falls_back_to_whole_pairs_without_a_plain_cache(mt, monkeypatch):
@@ -106,6 +107,6 @@ def test_scoring_falls_back_to_whole_pairs_without_a_plain_cache(mt, monkeypatch
     pairs = [(_prefix_ids(tok, "Stop?"), tok("Yes, fine.", add_special_tokens=False)["input_ids"])] * 2
     seen = []
     monkeypatch.setattr(B, "_whole_logprobs", lambda *a: seen.append(a) or {"sums": [], "options": {}})
-    monkeypatch.setattr(B, "_plain", lambda cache: False)
+    monkeypatch.setattr(B, "plain_cache", lambda cache: False)
     B.completion_logprobs(model, tok, pairs, 2)
     assert len(seen) == 1

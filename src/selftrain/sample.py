@@ -127,6 +127,17 @@ class NucleusSampling:
         return chosen
 
 
+def plain_cache(cache) -> bool:
+    """A cache of plain DynamicLayers, whose rows can be expanded, selected and copied."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def expanded_cache(kv, rows: int, config) -> DynamicCache:
+    """A shared prefix's per-layer (keys, values), one row each, as a cache of `rows` rows.
+    expand() makes views; the cache concatenates new keys onto them, never writing in place."""
+    return DynamicCache([(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in kv], config=config)
+
+
 class ReservedLayer(DynamicLayer):
     """A DynamicLayer whose keys and values live in buffers reserved up front for the whole
     generation. DynamicLayer concatenates every new token onto its cache, copying all of it: at
@@ -271,11 +282,6 @@ class HFSampler:
             return 0, None
         return n, [(k, v) for k, v, *_ in out.cache]
 
-    def _cache(self, prefix_kv, rows: int):
-        # expand() makes views; the cache concatenates new keys onto them, never writing in place
-        return DynamicCache([(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in prefix_kv],
-                            config=self.model.config)
-
     def _prefilled(self, suffixes: list[list[int]], n_prefix: int, prefix_kv, pad: int, reserve: int = 0):
         """The KV cache of a whole batch laid out as [shared prefix][padding][own suffix], holding
         every token but each row's last, or None where the model's cache is not plain DynamicLayers.
@@ -307,11 +313,11 @@ class HFSampler:
                 mask = torch.tensor([[1] * n_prefix + [0] * (w - len(suffixes[r])) + [1] * (len(suffixes[r]) - 1)
                                      for r in group], device=dev)
                 pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, n_prefix:]
-                cache = self._cache(prefix_kv, len(group)) if prefix_kv is not None \
+                cache = expanded_cache(prefix_kv, len(group), self.model.config) if prefix_kv is not None \
                     else DynamicCache(config=self.model.config)
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                                  use_cache=True, logits_to_keep=1)
-                if type(out.cache) is not DynamicCache or any(type(x) is not DynamicLayer for x in out.cache.layers):
+                if not plain_cache(out.cache):
                     return None  # sliding-window or recurrent layers: generate prefills the batch itself
                 kv = [(k, v) for k, v, *_ in out.cache]
             if kv is None:
@@ -452,7 +458,7 @@ class HFSampler:
                                     reserve=params.max_new_tokens + 1 if self.reserve_cache else 0) \
                 if self.prefill_rows and len(idx) > 1 else None
             if cache is None and prefix_kv is not None:
-                cache = self._cache(prefix_kv, len(idx))
+                cache = expanded_cache(prefix_kv, len(idx), self.model.config)
             torch.manual_seed(params.seed * 1_000_003 + b)
             if self.decode_loop and isinstance(cache, DynamicCache) and cache.layers \
                     and all(type(x) is ReservedLayer for x in cache.layers) and (greedy or self.fast_nucleus):

@@ -16,8 +16,9 @@ from collections.abc import Collection
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
+from ..sample import expanded_cache, plain_cache
 from .suites import Suite
 
 
@@ -36,11 +37,6 @@ def _prefix(tokenizer, prompt: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _plain(cache) -> bool:
-    """A cache of plain DynamicLayers, whose rows can be expanded and selected."""
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -92,14 +88,14 @@ def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]
     (`_whole_logprobs`), as are all models on a GPU (below); the tests check that both readings
     agree."""
     first_token_options = first_token_options or {}
+    wanted = set(range(len(pairs))) if states is True else set(states or ())
+    states = states is not False and states is not None  # an empty collection still asks for the arrays
     dev = model.device
     if dev.type != "cpu":
         # On a GPU a small model's passes are bound by kernel launches, not arithmetic, and this
         # path makes more, smaller passes: on an H100 with the 135M model the default suite took
         # 0.84-0.90 s here against 0.54-0.58 s whole (2026-11-27; README, GPU check).
         return _whole_logprobs(model, tokenizer, pairs, batch_size, desc, states, first_token_options, entropy)
-    wanted = set(range(len(pairs))) if states is True else set(states or ())
-    states = states is not False and states is not None
     prefixes = list(dict.fromkeys(tuple(p) for p, _ in pairs))
     slot = {p: j for j, p in enumerate(prefixes)}
     members: list[list[int]] = [[] for _ in prefixes]
@@ -111,7 +107,7 @@ def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]
     shared = None
     if c > 0:
         out = model(input_ids=torch.tensor([prefixes[0][:c]], device=dev), use_cache=True, logits_to_keep=1)
-        if not _plain(out.cache):
+        if not plain_cache(out.cache):
             return _whole_logprobs(model, tokenizer, pairs, batch_size, desc, states, first_token_options, entropy)
         shared = [(k, v) for k, v, *_ in out.cache]
 
@@ -129,11 +125,10 @@ def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]
         ids = torch.tensor([[pad] * (w - len(r)) + list(r) for r in rest], device=dev)
         mask = torch.tensor([[1] * c + [0] * (w - len(r)) + [1] * len(r) for r in rest], device=dev)
         pos = c + (mask[:, c:].cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache([(k.expand(len(js), *k.shape[1:]), v.expand(len(js), *v.shape[1:])) for k, v in shared],
-                             config=model.config) if shared else DynamicCache(config=model.config)
+        cache = expanded_cache(shared, len(js), model.config) if shared else DynamicCache(config=model.config)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                     logits_to_keep=1, output_hidden_states=states)
-        if not _plain(out.cache):
+        if not plain_cache(out.cache):
             return _whole_logprobs(model, tokenizer, pairs, batch_size, desc, states, first_token_options, entropy)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each completion's first token
         first_h = _entropy(first) if entropy else None
@@ -179,8 +174,8 @@ def completion_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]
 
 @torch.inference_mode()
 def _whole_logprobs(model, tokenizer, pairs, batch_size, desc, states, first_token_options, entropy) -> dict:
-    """`completion_logprobs` with every pair run whole in left-padded batches, no cache."""
-    states = bool(states)
+    """`completion_logprobs` with every pair run whole in left-padded batches, no cache (`states`
+    a bool here: with it, every pair's states)."""
     options: dict[int, list[float]] = {}
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
