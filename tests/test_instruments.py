@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from selftrain import UserError
 from selftrain.probes import activations as act
@@ -289,3 +290,8 @@ def test_model_entropy_and_perplexity(tiny):
     ppl = col.perplexity(model, tok, texts[:16], batch_size=8, max_length=64)
     assert math.isfinite(ppl) and ppl > 1
     assert ppl == pytest.approx(col.perplexity(model, tok, texts[:16], batch_size=3, max_length=64), rel=1e-4)
+    # one text: exp of transformers' own language-model loss (mean next-token NLL)
+    ids = torch.tensor([tok(texts[0], add_special_tokens=False)["input_ids"][:64]])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert col.perplexity(model, tok, texts[:1], max_length=64) == pytest.approx(math.exp(float(loss)), rel=1e-4)

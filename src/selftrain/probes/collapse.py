@@ -91,7 +91,11 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8, max_leng
         ids, mask, pos = _left_padded(batch, tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos.to(model.device)).logits
-        loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        # over flattened rows: on the [b, vocab, t] transpose, cross_entropy took 0.74 s against 0.27 s
+        # for the default's 16 paragraphs (2-core CPU, 2026-11-27)
+        pred = logits[:, :-1].float()
+        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="none").view(ids.shape[0], -1)
         target_mask = mask[:, 1:] * mask[:, :-1]  # a real token predicted from a real token
         nll += float((loss * target_mask).sum())
         count += int(target_mask.sum())
