@@ -84,3 +84,28 @@ def test_gate_stops_before_training_and_records_why(tiny_model, tmp_path):
     for j in range(k):  # every generation before the gate trained its successor
         gj = json.loads((tmp_path / "run" / f"gen-{j:03d}" / "manifest.json").read_text())
         assert "train" in gj["stages"]
+
+
+def test_token_entropy_comes_from_the_sampling_pass_or_a_scoring_pass(tiny_model, tmp_path, monkeypatch):
+    """collapse.json's mean token entropy is read off the decoding pass; where some batch was
+    decoded by generate (which keeps no logits), a scoring pass over prompts and samples gives it."""
+    import selftrain.monitor as mon
+    from selftrain.probes import collapse
+
+    scored, real = [], collapse.mean_token_entropy
+    monkeypatch.setattr(collapse, "mean_token_entropy", lambda *a, **k: scored.append(real(*a, **k)) or scored[-1])
+    monitor_checkpoints(_drift_cfg(tiny_model, [tiny_model], tmp_path / "a"), tmp_path / "a")
+    assert scored == []  # both models' entropies came from their sampling passes
+
+    class GenerateOnly(mon.HFSampler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "decode_loop": False})
+
+    monkeypatch.setattr(mon, "HFSampler", GenerateOnly)
+    monitor_checkpoints(_drift_cfg(tiny_model, [tiny_model], tmp_path / "b"), tmp_path / "b")
+    assert len(scored) == 2  # reference and candidate fell back to scoring
+    for who in ("reference", "candidate-01"):
+        read = json.loads((tmp_path / "a" / who / "monitor" / "collapse.json").read_text())["mean_token_entropy"]
+        fell = json.loads((tmp_path / "b" / who / "monitor" / "collapse.json").read_text())["mean_token_entropy"]
+        # the same samples (generate draws what the decoding loop draws); scoring reads them retokenised
+        assert read > 0 and read == pytest.approx(fell, rel=1e-3)

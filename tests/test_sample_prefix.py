@@ -211,3 +211,34 @@ def test_decode_loop_draws_what_generate_draws(parts):
         assert len({tuple(r) for r in ours}) > 2
         early += sum(len(r) < 8 for r in ours)
     assert early > 0  # some row ended early in some batch, so some batch shrank
+
+
+def test_decode_loop_reads_the_entropy_a_scoring_pass_gives(parts):
+    """The monitor's token-entropy instrument, read off the decoding pass: each row's summed
+    entropy of the model's own next-token distribution (before penalty and temperature) at each
+    new token but end-of-sequence equals what a scoring pass over prompt and sampled tokens gives,
+    also for rows that ended early and left the batch."""
+    from selftrain.probes.behavioural import completion_logprobs
+
+    model, tok = parts
+    p = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, repetition_penalty=1.3, seed=1)
+    free = HFSampler(*parts, batch_size=16).generate_ids(RAGGED, p)
+    end = max({t for r in free for t in r[1:-1]}, key=lambda t: sum(t in r[1:-1] for r in free))
+    was, tok.eos_token = tok.eos_token, tok.convert_ids_to_tokens(end)
+    try:
+        s = HFSampler(*parts, batch_size=16)
+        ids, ent = s.generate_ids(RAGGED, p, entropy=True)
+        texts, ent2 = s.chat(RAGGED, p, entropy=True)
+        assert ent2 == ent and texts == s.chat(RAGGED, p)
+        assert HFSampler(*parts, batch_size=16, decode_loop=False).generate_ids(RAGGED, p, entropy=True)[1] is None
+    finally:
+        tok.eos_token = was
+    assert any(r and r[-1] == end for r in ids) and any(len(r) == 8 and end not in r for r in ids)
+    kept = [r[:-1] if r and r[-1] == end else r for r in ids]
+    assert [n for _, n in ent] == [len(r) for r in kept]
+    rows = [i for i, r in enumerate(kept) if r]
+    prompts = [tok(s.render(c), add_special_tokens=False)["input_ids"] for c in RAGGED]
+    ref = completion_logprobs(model, tok, [(prompts[i], kept[i]) for i in rows], batch_size=4, entropy=True)
+    assert [ent[i][0] for i in rows] == pytest.approx(ref["entropy"], rel=1e-4, abs=1e-4)
+    assert all(0 < h <= n * torch.log(torch.tensor(float(model.config.vocab_size))) + 1e-4
+               for h, n in (ent[i] for i in rows))

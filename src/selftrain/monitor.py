@@ -109,7 +109,7 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
         write_json(mon / "activations.json", results)
         counts["activation_dimensions"] = len(results)
 
-    samples = None
+    samples, entropies = None, None
     if monitor_cfg.embedding or monitor_cfg.collapse:
         prompts = monitor_prompts(suite, monitor_cfg.embedding_prompts)
         sampler = HFSampler(model, tokenizer, batch_size=batch_size)
@@ -119,10 +119,11 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
         if reference is None and monitor_cfg.embedding:
             # the reseed null below needs a second, independent sample of the same prompts: both
             # come from one call (each row draws its own random numbers), one batch instead of two
-            both = sampler.chat(convs + convs, params, desc="monitor samples")
+            both, entropies = sampler.chat(convs + convs, params, desc="monitor samples", entropy=True)
             samples, reseed = both[:len(convs)], both[len(convs):]
+            entropies = entropies[:len(convs)] if entropies is not None else None
         else:
-            samples = sampler.chat(convs, params, desc="monitor samples")
+            samples, entropies = sampler.chat(convs, params, desc="monitor samples", entropy=True)
         write_jsonl(mon / "samples.jsonl", [{"prompt": p, "response": s, "seed": seed}
                                             for p, s in zip(prompts, samples)])
         counts["monitor_samples"] = len(samples)
@@ -152,8 +153,13 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
 
     if monitor_cfg.collapse:
         metrics = collapse.collapse_metrics(samples, emb)
-        metrics["mean_token_entropy"] = collapse.mean_token_entropy(
-            model, tokenizer, list(zip([c[0]["content"] for c in convs], samples)), batch_size)
+        if entropies is not None and sum(n for _, n in entropies):
+            # read off the sampling pass (the same distributions a scoring pass gives, to float error;
+            # tests/test_monitor.py): a second pass over prompts and samples cost ~2.5 s of the probe stage
+            metrics["mean_token_entropy"] = sum(h for h, _ in entropies) / sum(n for _, n in entropies)
+        else:  # some batch was decoded by generate, which keeps no logits: score the samples instead
+            metrics["mean_token_entropy"] = collapse.mean_token_entropy(
+                model, tokenizer, list(zip([c[0]["content"] for c in convs], samples)), batch_size)
         metrics["perplexity_heldout"] = collapse.perplexity(
             model, tokenizer, collapse.heldout_texts()[:monitor_cfg.heldout_paragraphs], batch_size)
         write_json(mon / "collapse.json", metrics)

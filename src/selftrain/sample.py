@@ -341,7 +341,7 @@ class HFSampler:
         return cache
 
     def _decode(self, cache, rows: list[list[int]], mask: list[list[int]], params: SamplingParams,
-                eos_ids: set[int]) -> list[list[int]]:
+                eos_ids: set[int], entropy: bool = False) -> tuple[list[list[int]], list[tuple[float, int]] | None]:
         """Each row's new tokens, decoded into a prefilled ReservedLayer cache that holds every
         prompt token but the last; the same tokens `generate` gives greedily, and the same
         processing (repetition penalty, then temperature and nucleus) when sampling.
@@ -352,7 +352,12 @@ class HFSampler:
         row that has ended stays in its batch until every row has: here rows that ended leave the
         batch (their cache rows are dropped) once they are an eighth of it, so long budgets with
         ragged lengths stop paying for finished rows. The repetition penalty counts the row's own
-        tokens only, not its padding."""
+        tokens only, not its padding.
+
+        With `entropy`, also each row's (summed entropy in nats, count) of the model's own next-token
+        distribution (before penalty and temperature) at each step that chose a kept token other
+        than end-of-sequence: what `probes.collapse.mean_token_entropy` reads from a scoring pass,
+        here from the logits decoding computes anyway."""
         dev, m = self.model.device, params.max_new_tokens
         b, n = len(rows), len(rows[0])
         ids = torch.tensor(rows, device=dev)
@@ -367,6 +372,7 @@ class HFSampler:
         eos = torch.tensor(sorted(eos_ids), device=dev)
         stop_window = max((len(x) for x in params.stop), default=0) + 2  # tokens: each decodes to >= 1 char
         out = torch.zeros(b, m, dtype=torch.long, device=dev)
+        ent = torch.zeros(b, m, dtype=torch.float64, device=dev) if entropy else None
         length = torch.full((b,), m, device=dev)  # tokens kept per original row
         live = torch.arange(b, device=dev)  # the original row of each row still in the batch
         ended = torch.zeros(b, dtype=torch.bool, device=dev)  # per row still in the batch
@@ -374,6 +380,9 @@ class HFSampler:
         for step in range(m):
             logits = self.model(input_ids=cur[:, None], attention_mask=full[:, :n + step],
                                 position_ids=(pos + step)[:, None], cache=cache, use_cache=True).logits[:, -1].float()
+            if ent is not None:
+                logp = torch.log_softmax(logits, dim=-1)
+                ent[live, step] = -(logp.exp() * logp).sum(-1).double()
             if seen is not None:
                 cols = seen[:, :n + step]
                 scored = logits.gather(1, cols)
@@ -399,7 +408,11 @@ class HFSampler:
                     layer.batch_select_indices(keep)
                 live, ended, cur, pos, full = live[keep], ended[keep], cur[keep], pos[keep], full[keep]
                 seen = seen[keep] if seen is not None else None
-        return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
+        kept = [row[:k] for row, k in zip(out.tolist(), length.tolist())]
+        if ent is None:
+            return kept, None
+        counts = [len(r) - (1 if r and r[-1] in eos_ids else 0) for r in kept]
+        return kept, [(float(ent[r, :n].sum()), n) for r, n in enumerate(counts)]
 
     def _generate(self, rows, mask, cache, params: SamplingParams, pad: int, eos_ids: set[int]) -> list[list[int]]:
         """transformers' generate on a padded batch (its cache prefilled or not): each row's new
@@ -425,17 +438,24 @@ class HFSampler:
             new.append(row if stop is None else row[:stop + 1])
         return new
 
-    def chat(self, conversations, params, desc="sampling"):
-        rows = self.generate_ids(conversations, params, desc)
-        return [cut_at_stop(t, params.stop).strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+    def chat(self, conversations, params, desc="sampling", entropy: bool = False):
+        """The replies' texts; with `entropy`, (texts, entropies) as `generate_ids` gives them."""
+        rows, ent = self.generate_ids(conversations, params, desc, entropy=True) if entropy \
+            else (self.generate_ids(conversations, params, desc), None)
+        texts = [cut_at_stop(t, params.stop).strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        return (texts, ent) if entropy else texts
 
-    def generate_ids(self, conversations, params, desc="sampling") -> list[list[int]]:
-        """Each conversation's new token ids, up to and including the first end-of-sequence token."""
+    def generate_ids(self, conversations, params, desc="sampling", entropy: bool = False):
+        """Each conversation's new token ids, up to and including the first end-of-sequence token.
+
+        With `entropy`, (ids, entropies): each row's (summed entropy in nats of the model's
+        next-token distribution at each new token but end-of-sequence, that count), read from the
+        decoding pass itself (`_decode`); None when some batch was decoded by `generate` instead."""
         with packed_linears(self.model) if self.pack_linears else nullcontext():
-            return self._generate_ids(conversations, params, desc)
+            return self._generate_ids(conversations, params, desc, entropy)
 
     @torch.inference_mode()
-    def _generate_ids(self, conversations, params, desc) -> list[list[int]]:
+    def _generate_ids(self, conversations, params, desc, entropy: bool = False):
         import time
 
         tok = self.tokenizer
@@ -447,6 +467,7 @@ class HFSampler:
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         greedy = params.temperature <= 0
         out: list[list[int]] = [[] for _ in ids]
+        ent: list[tuple[float, int]] | None = [(0.0, 0)] * len(ids) if entropy else None
         bar = tqdm(total=len(ids), desc=desc, unit="seq", leave=False)
         for b, idx in enumerate(self._batches([len(x) for x in ids], params.max_new_tokens)):
             width = max(len(ids[i]) for i in idx) - n_prefix
@@ -462,11 +483,15 @@ class HFSampler:
             torch.manual_seed(params.seed * 1_000_003 + b)
             if self.decode_loop and isinstance(cache, DynamicCache) and cache.layers \
                     and all(type(x) is ReservedLayer for x in cache.layers) and (greedy or self.fast_nucleus):
-                new = self._decode(cache, rows, mask, params, eos_ids)
+                new, h = self._decode(cache, rows, mask, params, eos_ids, entropy=ent is not None)
             else:
-                new = self._generate(rows, mask, cache, params, pad, eos_ids)
-            for i, row in zip(idx, new):
+                new, h = self._generate(rows, mask, cache, params, pad, eos_ids), None
+            if ent is not None and h is None:
+                ent = None  # generate decoded this batch: no entropies for the call
+            for r, (i, row) in enumerate(zip(idx, new)):
                 out[i] = row
+                if ent is not None:
+                    ent[i] = h[r]
                 self.stats["new_tokens"] += len(row)
                 self.stats["prompt_tokens"] += len(ids[i])
             self.stats["batches"] += 1
@@ -475,7 +500,7 @@ class HFSampler:
         self.stats["generate_s"] += time.perf_counter() - t0
         self.stats["prefix_tokens_reused"] += n_prefix * (len(ids) - 1)
         bar.close()
-        return out
+        return (out, ent) if entropy else out
 
 
     def _render_open(self, conversation: Conversation) -> str:
