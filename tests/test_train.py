@@ -30,6 +30,11 @@ def test_training_changes_weights(tiny_model, sft_data, tmp_path, lora):
     assert set(before) == set(after)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and stats["relative_l2"] > 0
+    # measured against the parent's file, each tensor (the tied output layer counted once) as saved
+    num = sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in before)
+    assert stats["relative_l2"] == pytest.approx((num / sum(float(v.float().pow(2).sum()) for v in before.values())) ** 0.5,
+                                                 rel=1e-4)
+    assert stats["tensors_changed"] == len(changed)
     if lora:  # only the adapted projections move
         assert all(any(m in k for m in ("proj",)) for k in changed)
     assert (tmp_path / "work" / "train_log.json").is_file()
@@ -108,3 +113,28 @@ def test_dpo_names_missing_field(tiny_model, tmp_path):
     cfg = compose([f"model.name_or_path={tiny_model}", "train=dpo"])
     with pytest.raises(UserError, match="no 'rejected' field"):
         train_dpo(str(tiny_model), tmp_path / "p", tmp_path / "m", cfg.train, cfg.model, seed=0, work_dir=tmp_path)
+
+
+def test_parent_weights_read_from_the_file_or_copied(tiny_model, tmp_path):
+    """The weight change's baseline: the parent's safetensors, one tensor at a time, where they
+    name every weight; a copy of the loaded weights where they do not (here: no safetensors)."""
+    import shutil
+
+    from selftrain.models import load_model
+    from selftrain.train import _SavedWeights, parent_weights, saved_weights, weight_change
+
+    model = load_model(str(tiny_model))
+    lazy = parent_weights(str(tiny_model), model)
+    assert isinstance(lazy, _SavedWeights) and not dict.__len__(lazy)  # nothing held in memory
+    own = model.state_dict()
+    assert all(torch.equal(lazy.get(k), own[k]) for k in lazy.files)
+    assert weight_change(lazy, model) == {"relative_l2": 0.0, "tensors_changed": 0}
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare, ignore=shutil.ignore_patterns("*.safetensors*"))
+    assert saved_weights(str(bare), model) is None
+    copied = parent_weights(str(bare), model)
+    assert type(copied) is dict and set(copied) == set(own)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert weight_change(copied, model)["tensors_changed"] == 1  # the copy was taken before the change
+    assert weight_change(lazy, model)["tensors_changed"] == 1

@@ -15,8 +15,10 @@ Under `accelerate launch` with FSDP or DeepSpeed ZeRO-3 each rank holds a slice 
 weights. Saving then gathers them: `accelerator.get_state_dict` is a collective that every rank
 calls; rank 0 alone loads the parent as a full model on CPU, copies the gathered weights into
 it (merging LoRA there), computes the weight change and writes the generation. Rank 0 so holds
-three copies of the weights in CPU memory: the gathered ones, the parent, and the parent's copy
-that the change is measured against.
+two copies of the weights in CPU memory, the gathered ones and the model they are copied into.
+
+The weight change is measured against the parent's own safetensors files, read one tensor at a
+time (`parent_weights`), not against a copy of the parent kept in memory through training.
 """
 from __future__ import annotations
 
@@ -153,6 +155,49 @@ def weight_change(before: dict, after: torch.nn.Module | dict) -> dict:
     return {"relative_l2": math.sqrt(num / max(den, 1e-30)), "tensors_changed": changed}
 
 
+class _SavedWeights(dict):
+    """A checkpoint's weights by state-dict name, each read from its safetensors file when asked for
+    (`weight_change` reads each once), so measuring a change costs one tensor of memory at a time."""
+
+    def __init__(self, files: dict[str, Path]):
+        super().__init__()
+        self.files = files  # name -> file
+
+    def get(self, name, default=None):
+        from safetensors import safe_open
+
+        if name not in self.files:
+            return default
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def saved_weights(parent: str, model: torch.nn.Module) -> _SavedWeights | None:
+    """The parent's saved tensors, read lazily, where its safetensors files name every weight of
+    `model` (tied copies aside); None otherwise (no safetensors, other names)."""
+    import json
+
+    folder, files = Path(parent), {}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = {k: folder / f for k, f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    elif (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            files = {k: folder / "model.safetensors" for k in f.keys()}
+    if files and all(k in files or _tied(model, k) for k in model.state_dict()):
+        return _SavedWeights(files)
+    return None
+
+
+def parent_weights(parent: str, model: torch.nn.Module) -> dict:
+    """What a generation's weight change is measured against, with `model` the parent as loaded:
+    its saved tensors (`saved_weights`), or else a copy of its weights, taken now, before they change."""
+    saved = saved_weights(parent, model)
+    return saved if saved is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
               work_dir: Path) -> dict:
     """Fine-tune `parent` on the SFT dataset; write the merged model to `out_model` atomically."""
@@ -168,7 +213,7 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     tokenizer.padding_side = "right"  # training pads on the right; sampling on the left
     model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
     model.train()
-    before = None if sharding_requested() else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = None if sharding_requested() else parent_weights(parent, model)
     guard = StopOnNonFinite()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
@@ -271,7 +316,7 @@ def _save_gathered(trainer, tokenizer, out_model: Path, lora, parent: str, model
     change = {}
     if acc.is_main_process:
         full = load_unsharded(parent, model_cfg)
-        before = {k: v.detach().clone() for k, v in full.state_dict().items()}
+        before = parent_weights(parent, full)
         if lora.enabled:
             from peft import get_peft_model
 
@@ -350,7 +395,7 @@ def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     model.train()
     # Full fine-tuning: generation k again, frozen, as the reference. LoRA: TRL disables the adapter.
     ref = None if train_cfg.lora.enabled else load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code)
-    before = None if sharding_requested() else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = None if sharding_requested() else parent_weights(parent, model)
     guard = StopOnNonFinite()
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
@@ -389,8 +434,9 @@ def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model
     shutil.rmtree(sft_model, ignore_errors=True)
     if int(os.environ.get("RANK", "0")) != 0:  # the worker keeps rank 0's result only
         return {**dpo, "method": "sft_dpo", "sft": sft}
-    start = load_unsharded(parent, model_cfg).state_dict()
-    total = weight_change(start, load_unsharded(str(out_model), model_cfg))
+    trained = load_unsharded(str(out_model), model_cfg)
+    start = saved_weights(parent, trained)  # the same names as the parent's, SFT and DPO change no names
+    total = weight_change(start if start is not None else load_unsharded(parent, model_cfg).state_dict(), trained)
     return {**dpo, "method": "sft_dpo", "sft": sft, "dpo_relative_l2": dpo["relative_l2"], **total}
 
 
