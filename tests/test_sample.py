@@ -198,3 +198,33 @@ def test_packed_linears_agree_and_are_restored(monkeypatch):
         got = model(x)
     assert torch.allclose(got, want, atol=1e-5)
     assert [type(m) for m in model] == before
+
+
+def test_packed_linears_fuse_a_gated_mlp_and_nest(monkeypatch):
+    """A LLaMA-style MLP runs as packed matmuls with SiLU and the gate's product fused (same
+    outputs); an MLP with another activation is only packed; a nested context changes nothing
+    and everything is back afterwards."""
+    import selftrain.sample as S
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=96, hidden_act="silu"))
+    gelu = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=96, hidden_act="gelu"))
+    model = torch.nn.ModuleList([mlp, gelu])
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 5, 32)
+    want = [m(x) for m in model]
+    monkeypatch.setattr(S, "PACK_MIN_WEIGHTS", 32 * 96)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    with torch.inference_mode(), S.packed_linears(model, 8):
+        assert "forward" in vars(mlp) and type(mlp.gate_proj) is torch.nn.Linear  # fused, children untouched
+        assert "forward" not in vars(gelu) and type(gelu.gate_proj) is S._PackedLinear
+        with S.packed_linears(model, 8):
+            assert type(mlp.gate_proj) is torch.nn.Linear  # the fused MLP's own layers are not packed again
+            got = [m(x) for m in model]
+        assert "forward" in vars(mlp)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert "forward" not in vars(mlp) and type(gelu.gate_proj) is torch.nn.Linear

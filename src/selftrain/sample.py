@@ -451,7 +451,7 @@ class HFSampler:
         With `entropy`, (ids, entropies): each row's (summed entropy in nats of the model's
         next-token distribution at each new token but end-of-sequence, that count), read from the
         decoding pass itself (`_decode`); None when some batch was decoded by `generate` instead."""
-        with packed_linears(self.model) if self.pack_linears else nullcontext():
+        with packed_linears(self.model, self.batch_size) if self.pack_linears else nullcontext():
             return self._generate_ids(conversations, params, desc, entropy)
 
     @torch.inference_mode()
@@ -533,34 +533,82 @@ class HFSampler:
 
 
 # Linear layers with at least this many weights run packed (`packed_linears`). Measured on the
-# 2-core CPU (2026-11-27, fp32, medians of 15): at 128 and 700 rows, oneDNN on a packed weight
-# against MKL's sgemm on the plain one was 1.04-1.20x for SmolLM2's MLP (576x1536, 1536x576) and
-# output layer (576x49,152), 0.98-1.02x for the 576x576 projections, 0.81-0.92x for the 576x192 ones.
-PACK_MIN_WEIGHTS = 576 * 1536
+# 2-core CPU (2026-11-27, fp32, 30 layers' worth, medians of 15), oneDNN on a reordered weight
+# against MKL's sgemm on the plain one, dense in and out: 576x576 35-36 against 43-55 ms at 128
+# rows, 6-7 against 11-12 ms at 16; 576x192 10 against 13-17 ms at 128 rows. (Through
+# `torch.utils.mkldnn.MkldnnLinear`, which converts layouts every call, the small projections
+# lost: 0.81-1.02x.) Below 576x192 (SmolLM2's key and value projections) nothing was measured.
+PACK_MIN_WEIGHTS = 576 * 192
+
+
+def _packable(m) -> bool:
+    return (type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+            and m.weight.numel() >= PACK_MIN_WEIGHTS)
+
+
+class _PackedLinear(torch.nn.Module):
+    """An fp32 linear layer through oneDNN on a weight reordered once, dense in and dense out
+    (`torch.utils.mkldnn.MkldnnLinear` converts its input to oneDNN's layout and its output back
+    on every call: about 35 ms of a 128-row decoding step's MLPs, 30 layers)."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x, attr: str = "none"):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], "")
+
+
+def _gated_mlp(mlp) -> bool:
+    """A LLaMA-style MLP, down(silu(gate(x)) * up(x)), with all three layers packable."""
+    act = getattr(mlp, "act_fn", None)
+    return (all(_packable(getattr(mlp, k, None)) for k in ("gate_proj", "up_proj", "down_proj"))
+            and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"))
+
+
+def _fused_mlp_forward(gate: _PackedLinear, up: _PackedLinear, down: _PackedLinear):
+    """down(silu(gate(x)) * up(x)) with the SiLU and the product done inside oneDNN's matmuls."""
+    def forward(x):
+        a = gate(x, "swish")
+        h = torch.ops.mkldnn._linear_pointwise.binary(x, a, up.packed, up.bias, "mul")
+        return down(h)
+    return forward
 
 
 @contextmanager
-def packed_linears(model):
-    """On CPU, while inside: every plain fp32 `nn.Linear` of at least PACK_MIN_WEIGHTS weights
-    runs through oneDNN with its weight packed once (~2 ms for 576x1536, ~40 ms for the output
-    layer), instead of MKL's sgemm on the plain weight. Outputs agree to ~3e-6. The packed copies
+def packed_linears(model, rows: int = 128):
+    """On CPU, while inside: every plain fp32 `nn.Linear` of at least PACK_MIN_WEIGHTS weights runs
+    through oneDNN on a weight reordered once for about `rows` rows (`_PackedLinear`), and a
+    LLaMA-style MLP (gate, up and down projections, SiLU) runs as three such matmuls with the SiLU
+    and the gate's product fused into the first two. Outputs agree to ~3e-6. The reordered copies
     cost their size in memory while inside (~430 MB for SmolLM2-135M). Layers on other devices or
-    dtypes, and wrapped layers (LoRA), are left as they are; nesting is harmless."""
-    if not torch.backends.mkldnn.is_available():
+    dtypes, and wrapped layers (LoRA), are left as they are; nesting is harmless.
+
+    Measured (2-core CPU, 2026-11-27, 128 rows, 30 layers of SmolLM2's MLP): 108-117 ms fused,
+    136-140 ms packed but unfused, 172-191 ms through `MkldnnLinear` (the earlier packing), 180-199
+    ms plain; the output layer 38 against 57 (MkldnnLinear) and 80 ms (plain)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         yield
         return
-    from torch.utils import mkldnn
-
-    swapped = []
-    for parent in model.modules():
+    swapped, fused = [], []
+    for parent in list(model.modules()):
+        if _gated_mlp(parent):
+            if "forward" not in vars(parent):  # else an outer packed_linears fused it already
+                layers = {k: _PackedLinear(getattr(parent, k), rows) for k in ("gate_proj", "up_proj", "down_proj")}
+                parent.forward = _fused_mlp_forward(**{k.split("_")[0]: v for k, v in layers.items()})
+                fused.append(parent)
+            continue
         for name, child in list(parent.named_children()):
-            if (type(child) is torch.nn.Linear and child.weight.device.type == "cpu"
-                    and child.weight.dtype == torch.float32 and child.weight.numel() >= PACK_MIN_WEIGHTS):
-                setattr(parent, name, mkldnn.to_mkldnn(child))
+            if _packable(child):
+                setattr(parent, name, _PackedLinear(child, rows))
                 swapped.append((parent, name, child))
     try:
         yield
     finally:
+        for parent in fused:
+            del parent.forward
         for parent, name, child in swapped:
             setattr(parent, name, child)
 
