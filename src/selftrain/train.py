@@ -136,9 +136,10 @@ def peft_config(lora):
                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
 
 
-def weight_change(before: dict, after: torch.nn.Module | dict) -> dict:
+def weight_change(before, after: torch.nn.Module | dict) -> dict:
     """Relative L2 change of all weights, and how many tensors changed at all. A tensor listed
-    under two names (a tied output layer and input embedding) counts once."""
+    under two names (a tied output layer and input embedding) counts once. `before` is a dict of
+    tensors or anything with its `get` (`_SavedWeights`)."""
     num = den = 0.0
     changed = 0
     seen: set[tuple] = set()
@@ -155,12 +156,11 @@ def weight_change(before: dict, after: torch.nn.Module | dict) -> dict:
     return {"relative_l2": math.sqrt(num / max(den, 1e-30)), "tensors_changed": changed}
 
 
-class _SavedWeights(dict):
+class _SavedWeights:
     """A checkpoint's weights by state-dict name, each read from its safetensors file when asked for
     (`weight_change` reads each once), so measuring a change costs one tensor of memory at a time."""
 
     def __init__(self, files: dict[str, Path]):
-        super().__init__()
         self.files = files  # name -> file
 
     def get(self, name, default=None):
@@ -191,7 +191,7 @@ def saved_weights(parent: str, model: torch.nn.Module) -> _SavedWeights | None:
     return None
 
 
-def parent_weights(parent: str, model: torch.nn.Module) -> dict:
+def parent_weights(parent: str, model: torch.nn.Module) -> _SavedWeights | dict:
     """What a generation's weight change is measured against, with `model` the parent as loaded:
     its saved tensors (`saved_weights`), or else a copy of its weights, taken now, before they change."""
     saved = saved_weights(parent, model)
