@@ -100,10 +100,11 @@ def _load(folder: Path):
         except (OSError, ValueError) as e:
             raise UserError(f"{folder / name}: cannot read the sentence encoder's config ({e})") from None
 
-    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in read("modules.json")]
+    modules = read("modules.json")
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or kinds[2:] not in ([], ["Normalize"]):
         raise UserError(f"{folder / 'modules.json'}: pipeline {kinds} is not Transformer, Pooling[, Normalize]")
-    pooling_dir = next(m["path"] for m in read("modules.json") if m.get("type", "").endswith("Pooling"))
+    pooling_dir = modules[1]["path"]
     pooling = read(f"{pooling_dir}/config.json")
     if not pooling.get("pooling_mode_mean_tokens") or any(
             pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens",
