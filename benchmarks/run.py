@@ -27,9 +27,9 @@ SECTIONS = ("hardware", "sampling", "critique", "sft", "smoke")
 QUICK_SMOKE = ["generations=1", "sampler.max_new_tokens=8", "critique.critique_max_new_tokens=8",
                "critique.revision_max_new_tokens=8", "probes.max_items_per_dimension=2", "data.min_words=1",
                "monitor.embedding_prompts=4", "monitor.permutations=50", "monitor.cue_items=2",
-               "monitor.heldout_paragraphs=2"]
+               "monitor.heldout_paragraphs=2", "monitor.allow_underpowered=true"]
 TARGETS = {"sampling_vs_bare_batched": 0.95, "sampling_vs_one_at_a_time": 5.0, "sampling_of_roofline": 0.40,
-           "monitor_fraction_max": 0.15, "sft_vs_bare": 0.95}
+           "monitor_fraction_max": 0.20, "sft_vs_bare": 0.95}
 
 
 def machine() -> dict:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from selftrain import UserError
+from selftrain.drift import compare
 from selftrain.probes import activations as act
 from selftrain.probes import collapse as col
 from selftrain.probes import embedding as emb
@@ -111,43 +112,49 @@ def test_fit_direction_ties_go_to_the_deeper_layer():
 def _frozen_and_states(d=64, layers=3, layer=1, n=40):
     pos, neg, v = _planted(n=n, layers=layers, d=d, layer=layer)
     frozen = act.fit_direction(pos, neg)
-    ref_prompt = np.random.default_rng(5).standard_normal((n, layers, d))
-    return frozen, pos, neg, ref_prompt
+    return frozen, pos, neg, [f"i{j}" for j in range(n)]
+
+
+def test_fit_direction_holds_out_every_pair_once():
+    pos, neg, _ = _planted(n=6)
+    fit = act.fit_direction(pos, neg, seed=0)
+    assert fit["heldout_pairs"] == 6  # the layer is chosen on all six pairs, not on two
 
 
 def test_measure_identical_generation_has_no_shift():
-    frozen, pos, neg, ref = _frozen_and_states()
-    m = act.measure(frozen, pos, neg, ref, ref)
-    assert set(m) == {"projection_shift", "reply_shift", "auroc", "cosine", "random_shift_mean",
-                      "random_shift_sd", "z_vs_random"}
-    assert m["projection_shift"] == pytest.approx(0.0, abs=1e-9)
-    assert m["reply_shift"] == pytest.approx(0.0, abs=1e-6)
-    assert m["cosine"] == pytest.approx(1.0, abs=1e-6)
-    assert m["auroc"] > 0.95
-    assert m["random_shift_mean"] == pytest.approx(0.0, abs=1e-9)
+    frozen, pos, neg, ids = _frozen_and_states()
+    ref = act.measure(frozen, pos, neg, ids)
+    assert set(ref) == {"items", "auroc", "cosine", "gap_now"}
+    assert list(ref["items"]) == ids
+    assert ref["gap_now"] == pytest.approx(1.0, abs=1e-6) and ref["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert ref["auroc"] > 0.95
+    res = compare({"d": ref["items"]}, {"d": act.measure(frozen, pos, neg, ids)["items"]}, 0.05, 0.3, 0.6, +1)["d"]
+    assert res["delta"] == 0 and res["level"] == "ok"
 
 
 def test_measure_shift_along_direction_versus_elsewhere():
-    frozen, pos, neg, ref = _frozen_and_states()
+    """The per-item shift is measured where the direction and its gap were: the replies' pooled
+    states at the frozen layer. A move along the direction is a paired shift with a p-value; the
+    same distance sideways is none."""
+    frozen, pos, neg, ids = _frozen_and_states()
     layer, v, gap = frozen["layer"], frozen["direction"].astype(np.float64), frozen["gap"]
-    moved = ref.copy()
-    moved[:, layer] += gap * v  # one gen-0 gap toward the trait
-    m = act.measure(frozen, pos, neg, moved, ref)
-    assert m["projection_shift"] == pytest.approx(1.0, abs=1e-4)
-    assert m["z_vs_random"] > 5
-    # the same distance along a direction orthogonal to the trait
+    ref = act.measure(frozen, pos, neg, ids)["items"]
+    at_layer = (np.arange(3) == layer)[None, :, None]
+    noise = np.random.default_rng(2).normal(0, 0.05 * gap, (len(ids), 1, 1))
+    along = gap * v[None, None, :] * at_layer * (0.5 + noise)  # half a gap toward the trait, per item noise
+    moved = act.measure(frozen, pos + along, neg + along, ids)["items"]
+    res = compare({"d": ref}, {"d": moved}, 0.05, 0.3, 0.6, +1)["d"]
+    assert res["delta"] == pytest.approx(0.5, abs=0.05) and res["p"] < 1e-6 and res["level"] == "alert"
+    lo, hi = res["ci95"]
+    assert lo < res["delta"] < hi
+    back = act.measure(frozen, pos - along, neg - along, ids)["items"]
+    assert compare({"d": ref}, {"d": back}, 0.05, 0.3, 0.6, +1)["d"]["level"] == "improved"
     u = np.random.default_rng(9).standard_normal(v.shape)
     u -= (u @ v) * v
     u /= np.linalg.norm(u)
-    sideways = ref.copy()
-    sideways[:, layer] += gap * u
-    m2 = act.measure(frozen, pos, neg, sideways, ref)
-    assert abs(m2["projection_shift"]) < 1e-4
-    assert abs(m2["z_vs_random"]) < 4
-    # the reply midpoint moves when both replies move along the direction
-    m3 = act.measure(frozen, pos + 0.5 * gap * v[None, None, :] * (np.arange(3) == layer)[None, :, None],
-                     neg + 0.5 * gap * v[None, None, :] * (np.arange(3) == layer)[None, :, None], ref, ref)
-    assert m3["reply_shift"] == pytest.approx(0.5, abs=1e-4)
+    side = gap * u[None, None, :] * at_layer
+    sideways = act.measure(frozen, pos + side, neg + side, ids)["items"]
+    assert abs(compare({"d": ref}, {"d": sideways}, 0.05, 0.3, 0.6, +1)["d"]["delta"]) < 1e-4
 
 
 def test_directions_round_trip(tmp_path):
@@ -177,18 +184,31 @@ def test_mmd_same_distribution_vs_shifted():
     assert bw > 0
     assert emb.mmd2(X, Y, bw) == pytest.approx(emb.mmd2(Y, X, bw), abs=1e-12)
     assert abs(emb.mmd2(X, Y, bw)) < 0.02
-    same = emb.mmd_test(X, Y, bw, n_perm=500, seed=0)
-    assert same["p"] > 0.05
+    same = emb.paired_mmd_test(X, Y, bw, n_perm=500, seed=0)
+    assert same["p"] > 0.05 and 0.5 < same["effect"] < same["effect_null_q95"] + 0.5
     assert same["mmd2"] == pytest.approx(emb.mmd2(X, Y, bw), abs=1e-9)
-    shifted = emb.mmd_test(X, Y + 1.0, bw, n_perm=500, seed=0)
-    assert shifted["p"] < 0.01
-    assert shifted["mmd2"] > 10 * abs(same["mmd2"])
-    # the effect size: biased MMD^2 against the reseed null's; about 1 for noise, large for a shift
-    W = rng.standard_normal((64, 8))  # a third sample of the same distribution: a "reseed"
-    null = emb.mmd2_biased(X, W, bw)
-    assert null > 0 and emb.mmd2_biased(X, Y, bw) >= 0
-    assert 0.5 < emb.drift_effect(emb.mmd2_biased(X, Y, bw), null) < 2.0
-    assert emb.drift_effect(emb.mmd2_biased(X, Y + 1.0, bw), null) > 5
+    shifted = emb.paired_mmd_test(X, Y + 1.0, bw, n_perm=500, seed=0)
+    assert shifted["p"] == pytest.approx(1 / 501) and shifted["p_floor"] == pytest.approx(1 / 501)
+    assert shifted["mmd2"] > 10 * abs(same["mmd2"]) and shifted["effect"] > 5
+    assert shifted["mmd2_biased"] == pytest.approx(emb.mmd2_biased(X, Y + 1.0, bw), rel=1e-9)
+
+
+def test_paired_mmd_null_rate_and_pairing():
+    """Replies to the same prompt share the prompt's content: the within-prompt swap keeps that
+    pairing, so under no drift p is uniform (at most ~5 % below 0.05 over 200 draws), and a small
+    shift that an unpaired test would drown in between-prompt spread is found."""
+    rng = np.random.default_rng(11)
+    low = 0
+    for _ in range(200):
+        prompt = 3 * rng.standard_normal((24, 6))  # each prompt's own topic dominates the spread
+        X, Y = prompt + 0.3 * rng.standard_normal((24, 6)), prompt + 0.3 * rng.standard_normal((24, 6))
+        low += emb.paired_mmd_test(X, Y, emb.median_bandwidth(X), n_perm=200, seed=int(rng.integers(1e9)))["p"] < 0.05
+    assert low / 200 <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / 200)
+    prompt = 3 * rng.standard_normal((24, 6))
+    X, Y = prompt + 0.3 * rng.standard_normal((24, 6)), prompt + 0.3 * rng.standard_normal((24, 6)) + 0.4
+    assert emb.paired_mmd_test(X, Y, emb.median_bandwidth(X), n_perm=500, seed=0)["p"] < 0.01
+    with pytest.raises(ValueError, match="one reply per prompt"):
+        emb.paired_mmd_test(X, Y[:20], 1.0)
 
 
 def test_median_bandwidth_by_hand():

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 # The monitor is not under test here: behavioural probes only, two items per dimension.
 ARGS = ["experiment=smoke", "train=dpo", "preferences=ai_feedback", "generations=1", "monitor.activations=false",
         "monitor.embedding=false", "monitor.collapse=false", "monitor.cue_gap=false",
-        "probes.max_items_per_dimension=2"]
+        "probes.max_items_per_dimension=2", "monitor.allow_underpowered=true"]
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def _drift_cfg(ref, cands, out):
         return hcompose(config_name="drift", overrides=[
             f"reference={ref}", f"candidates=[{','.join(map(str, cands))}]", f"out={out}",
             f"probes.suite={SUITE}", "probes.max_items_per_dimension=null", "monitor.embedding_prompts=4",
-            "monitor.permutations=50", "monitor.heldout_paragraphs=2"])
+            "monitor.permutations=50", "monitor.heldout_paragraphs=2", "monitor.allow_underpowered=true"])
 
 
 def test_standalone_reseed_raises_nothing(tiny_model, tmp_path):

@@ -164,9 +164,34 @@ def _drift(cfg) -> None:
           f"selftrain-drift: report: {out / 'report.md'}")
 
 
+@hydra.main(version_base="1.3", config_path=CONF, config_name="validate")
+@_user_errors_exit
+def _validate(cfg) -> None:
+    import datasets
+
+    from .schema import check_trl_fields, validate_monitor
+    from .validate import run
+
+    datasets.disable_progress_bars()
+    validate_monitor(cfg.monitor)
+    check_trl_fields("train.sft", dict(cfg.train.sft), "SFTConfig")
+    result = run(cfg, Path(cfg.out))
+    r = result["rates"][f"shipped/{cfg.monitor.options_rule}"]
+    det, fa = r["detection_standard_dose"], r["false_alarm"]
+    print(f"selftrain-validate: detection at the standard dose {det['hits']}/{det['n']}, "
+          f"false alarms {fa['hits']}/{fa['n']} (evaluation seeds, shipped thresholds)\n"
+          f"selftrain-validate: {Path(cfg.out) / 'validation.html'}")
+
+
 def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     _selftrain()
+
+
+def validate_main() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _validate()
 
 
 def drift_main() -> None:

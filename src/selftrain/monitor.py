@@ -35,6 +35,65 @@ def monitor_prompts(suite: Suite, n: int) -> list[str]:
     return rng.sample(prompts, min(n, len(prompts)))
 
 
+def cue_subset(suite: Suite, monitor_cfg) -> Suite | None:
+    """The contrast items scored again with the monitoring cue: `cue_items` per dimension (the
+    answer-option items are at chance on small models). None when the suite has no contrast
+    items (a model-written-evaluation suite): then there is no cue gap to measure."""
+    sub = suite.select(None, monitor_cfg.cue_items)
+    sub.items = [it for it in sub.items if it.kind == "contrast"]
+    return sub if sub.items else None
+
+
+def power_counts(suite: Suite, monitor_cfg) -> dict[str, dict[str, int]]:
+    """Items per dimension and behavioural instrument, as drift.power_plan takes them. Options
+    count as eligible unless the rule is `balanced` and the items are not (the `informative`
+    rule is decided on the reference's scores, so before it runs they count, conservatively)."""
+    from .drift import polarity_balanced
+
+    out: dict[str, dict[str, int]] = {}
+    for d in suite.dimensions:
+        its = [it for it in suite.items if it.dimension == d]
+        opts = [it for it in its if it.kind != "contrast"]
+        first = sum(1 for it in opts if it.target == _first_option(it))
+        ok = monitor_cfg.options_rule != "balanced" or polarity_balanced(first, len(opts) - first)
+        out[d] = {"contrast": sum(it.kind == "contrast" for it in its), "options": len(opts) if ok else 0,
+                  "options_ineligible": 0 if ok else len(opts)}
+    return out
+
+
+def _first_option(it) -> int:
+    return next((k for k, o in enumerate(it.options) if o in ("Yes", "(A)")), 0)
+
+
+def check_power(suite: Suite, monitor_cfg) -> dict:
+    """Refuse, before any model loads, a configuration in which some test can never alert: its
+    smallest reachable Holm-corrected p (a lone drifting dimension) is not below monitor.alpha.
+    `monitor.allow_underpowered=true` runs anyway, and every report then says so at the top."""
+    from .drift import items_needed, power_plan
+
+    cue = cue_subset(suite, monitor_cfg) if monitor_cfg.cue_gap else None
+    plan = power_plan(power_counts(suite, monitor_cfg), monitor_cfg.alpha, len(cue.items) if cue else 0)
+    if plan["underpowered"] and not monitor_cfg.allow_underpowered:
+        key = plan["underpowered"][0]
+        t = plan["tests"][key]
+        need = items_needed(plan["families"][t["family"]], monitor_cfg.alpha)
+        dim, inst = key.split("|")
+        if inst == "monitoring_cue_gap":
+            what, knob = f"the monitoring-cue gap ({t['n']} cue items)", "monitor.cue_items"
+        else:
+            what, knob = f"{inst} items of {dim} ({t['n']})", "probes.max_items_per_dimension"
+        have = "" if knob != "probes.max_items_per_dimension" else _suite_note(suite, dim, inst, need)
+        raise UserError(f"{knob}: {what} can reach Holm p {t['holm_floor']:.3g} at best over "
+                        f"{plan['families'][t['family']]} tests, not below monitor.alpha={monitor_cfg.alpha}: "
+                        f"raise it to give {need} items per test{have}, or set monitor.allow_underpowered=true")
+    return plan
+
+
+def _suite_note(suite: Suite, dim: str, inst: str, need: int | None) -> str:
+    n = sum(1 for it in suite.items if it.dimension == dim and (it.kind == "contrast") == (inst != "options"))
+    return "" if need is None or n >= need else f" (the suite selection holds {n}: add items or drop the dimension)"
+
+
 def check_architecture(model, reference_dir: Path) -> None:
     """Activations are only comparable between models of one architecture and width."""
     ref = read_json(reference_dir / "monitor" / "architecture.json")
@@ -54,6 +113,8 @@ def _architecture(model) -> dict:
 # 30.0/32.7 against 37.5/37.8 s plain (gen-001 of the default experiment, 2-core CPU, 2026-11-27);
 # scores agreed to 5e-6, activations to 5e-7 relative.
 PROBE_ROWS = 512
+# A direction is fitted by cross-validation; below this many pairs its layer choice is noise.
+MIN_DIRECTION_PAIRS = 4
 
 
 def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Path,
@@ -74,15 +135,13 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
         rows, states = score_suite(model, tokenizer, suite, probes_cfg.batch_size, states=True)
     else:
         rows = score_suite(model, tokenizer, suite, probes_cfg.batch_size)
-    if monitor_cfg.cue_gap:
-        # the cue variant runs on a fixed subset of contrast items (cue_items per dimension): the
-        # answer-option items are at chance on small models, and the subset bounds the cost
-        sub = suite.select(None, monitor_cfg.cue_items)
-        sub.items = [it for it in sub.items if it.kind == "contrast"]
+    cue_suite = cue_subset(suite, monitor_cfg) if monitor_cfg.cue_gap else None
+    if cue_suite is not None:
         cued = {r["item_id"]: r["score"] for r in
-                score_suite(model, tokenizer, sub.cued(monitor_cfg.cue), probes_cfg.batch_size)}
+                score_suite(model, tokenizer, cue_suite.cued(monitor_cfg.cue), probes_cfg.batch_size)}
         for r in rows:
             r["score_cued"] = cued.get(r["item_id"], float("nan"))
+        counts["cue_items"] = len(cued)
     families = {d.name: d.family for d in suite.dimensions.values()}
     rows = [{"family": families[r["dimension"]], **r} for r in rows]
     from datasets import Dataset
@@ -96,26 +155,18 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
         results, directions = {}, {}
         ref_dirs = act.load_directions(reference / "monitor" / "directions") if reference is not None else None
         dim_of = np.array(states["dimension"])
+        ids = np.array(states["item_id"])
         for d in dict.fromkeys(states["dimension"]):
             sel = dim_of == d
-            if sel.sum() < 4:  # a direction needs a few pairs to fit and to hold out
+            if sel.sum() < MIN_DIRECTION_PAIRS or (ref_dirs is not None and d not in ref_dirs):
                 continue
-            if ref_dirs is not None and d not in ref_dirs:
-                continue
-            pos, neg, prompt_states = states["pos"][sel], states["neg"][sel], states["prompt"][sel]
+            pos, neg = states["pos"][sel], states["neg"][sel]
             frozen = ref_dirs[d] if ref_dirs is not None else act.fit_direction(pos, neg, seed=0)
-            layer = frozen["layer"]
             if ref_dirs is None:
                 directions[d] = frozen
-                ref_prompt = prompt_states
-                np.save(mon / f"prompt_states.{d}.npy", prompt_states[:, layer, :])
-            else:
-                ref_prompt_l = np.load(reference / "monitor" / f"prompt_states.{d}.npy")
-                ref_prompt = np.zeros_like(prompt_states)
-                ref_prompt[:, layer, :] = ref_prompt_l
-            m = act.measure(frozen, pos, neg, prompt_states, ref_prompt, seed=0)
-            results[d] = {"layer": int(layer), "auroc_heldout_ref": float(frozen["auroc_heldout"]),
-                          **{k: float(v) for k, v in m.items()}}
+            results[d] = {"layer": int(frozen["layer"]), "auroc_heldout_ref": float(frozen["auroc_heldout"]),
+                          "heldout_pairs": frozen.get("heldout_pairs"),
+                          **act.measure(frozen, pos, neg, [str(i) for i in ids[sel]])}
         if ref_dirs is None:
             act.save_directions(mon / "directions", directions)
             write_json(mon / "architecture.json", _architecture(model))
@@ -129,14 +180,7 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
         params = SamplingParams(max_new_tokens=monitor_cfg.embedding_max_new_tokens, temperature=0.7,
                                 top_p=0.95, repetition_penalty=1.1, seed=seed)
         convs = [[{"role": "user", "content": p}] for p in prompts]
-        if reference is None and monitor_cfg.embedding:
-            # the reseed null below needs a second, independent sample of the same prompts: both
-            # come from one call (each row draws its own random numbers), one batch instead of two
-            both, entropies = sampler.chat(convs + convs, params, desc="monitor samples", entropy=True)
-            samples, reseed = both[:len(convs)], both[len(convs):]
-            entropies = entropies[:len(convs)] if entropies is not None else None
-        else:
-            samples, entropies = sampler.chat(convs, params, desc="monitor samples", entropy=True)
+        samples, entropies = sampler.chat(convs, params, desc="monitor samples", entropy=True)
         write_jsonl(mon / "samples.jsonl", [{"prompt": p, "response": s, "seed": seed}
                                             for p, s in zip(prompts, samples)])
         counts["monitor_samples"] = len(samples)
@@ -147,22 +191,19 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
         emb = enc.encode(samples)
         np.save(mon / "embeddings.npy", emb)
         if reference is None:
-            # the reseed null: the same model, the same prompts, independent draws
-            emb2 = enc.encode(reseed)
-            bw = embedding.median_bandwidth(np.concatenate([emb, emb2]))
-            write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": bw, "n": len(emb),
-                                                "null_mmd2": embedding.mmd2(emb, emb2, bw),
-                                                "null_mmd2_biased": embedding.mmd2_biased(emb, emb2, bw)})
+            write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": embedding.median_bandwidth(emb),
+                                                "n": len(emb), "prompts": prompts})
         else:
             ref_meta = read_json(reference / "monitor" / "embedding.json")
+            if ref_meta.get("prompts") != prompts:
+                raise UserError(f"{reference / 'monitor' / 'embedding.json'}: the reference sampled other prompts; "
+                                "embedding drift pairs replies to the same prompts (keep monitor.embedding_prompts "
+                                "and the probe suite as they were at the reference)")
             ref_emb = np.load(reference / "monitor" / "embeddings.npy")
-            test = embedding.mmd_test(ref_emb, emb, ref_meta["bandwidth"], n_perm=monitor_cfg.permutations, seed=seed)
-            write_json(mon / "embedding.json", {
-                "encoder": enc.describe(), "bandwidth": ref_meta["bandwidth"], "n": len(emb), **test,
-                "null_mmd2": ref_meta["null_mmd2"], "mmd2_biased": embedding.mmd2_biased(ref_emb, emb, ref_meta["bandwidth"]),
-                "null_mmd2_biased": ref_meta["null_mmd2_biased"],
-                "effect": embedding.drift_effect(embedding.mmd2_biased(ref_emb, emb, ref_meta["bandwidth"]),
-                                                 ref_meta["null_mmd2_biased"])})
+            test = embedding.paired_mmd_test(ref_emb, emb, ref_meta["bandwidth"], n_perm=monitor_cfg.permutations,
+                                             seed=seed)
+            write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": ref_meta["bandwidth"],
+                                                "n": len(emb), "prompts": prompts, **test})
 
     if monitor_cfg.collapse:
         metrics = collapse.collapse_metrics(samples, emb)
@@ -184,7 +225,7 @@ def monitor_checkpoints(cfg, out: Path) -> dict:
     """`selftrain-drift`: probe a reference and candidate checkpoints, write one report into `out`.
 
     The reference plays generation 0 (directions and bandwidth are fixed on it); each candidate is
-    sampled with its own seed, so a candidate identical to the reference is a reseed control.
+    sampled with its own seed.
     """
     import gc
 
@@ -196,6 +237,7 @@ def monitor_checkpoints(cfg, out: Path) -> dict:
     if not cfg.candidates:
         raise UserError("candidates is empty: give at least one checkpoint, e.g. candidates=[runs/x/gen-001/model]")
     suite = load_suite(cfg.probes.suite).select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
+    check_power(suite, cfg.monitor)
     paths = [models.resolve(cfg.reference)] + [models.resolve(c) for c in cfg.candidates]
     labels = [str(cfg.reference)] + [str(c) for c in cfg.candidates]
     folders = [Path(out) / "reference"] + [Path(out) / f"candidate-{i:02d}" for i in range(1, len(paths))]

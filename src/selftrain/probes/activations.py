@@ -6,15 +6,13 @@ reply (neg). The residual stream (every layer, embeddings included) is mean-pool
 reply tokens; the difference of the pos and neg means at one layer, unit-normalised, is the
 trait direction.
 
-- `fit_direction` chooses the layer on a seeded held-out split (best AUROC of the projection,
-  ties to the deeper layer) and refits the direction there on every item. It runs once, on
-  gen-000; the layer and vector are then frozen.
-- `measure` reads a later generation against that frozen direction. The headline number,
-  `projection_shift`, is how far the state at the last prompt token (the position where the
-  assistant's reply is about to start) moved along the direction relative to gen-000, in
-  units of gen-000's misaligned-minus-aligned gap. A shift along the trait direction means
-  little if every direction moved as much, so the same shift is computed for seeded random
-  unit directions at the same layer and reported as a z-score against them.
+- `fit_direction` chooses the layer by cross-validated AUROC of the projection (every pair held
+  out once; ties to the deeper layer) and refits the direction there on every item. It runs
+  once, on gen-000; the layer and vector are then frozen.
+- `measure` reads any generation against that frozen direction: per item, the midpoint of its
+  two replies' projections in units of gen-000's misaligned-minus-aligned gap. The drift report
+  pairs these per item with gen-000's and tests the shift (drift.compare), so an activation
+  alert is a paired test with a p-value and a confidence interval, not an angle.
 """
 from __future__ import annotations
 
@@ -27,11 +25,10 @@ import numpy as np
 from .. import UserError
 from .behavioural import _prefix, completion_logprobs
 
-# The random baseline in `measure`: 32 directions put the sd of the baseline within about
-# 1/sqrt(2*31) ~ 13 % of its true value, which is enough for a z-score used as a flag.
-N_RANDOM = 32
+# Folds of the layer choice: every pair is held out once, from a direction fitted on the rest.
+FOLDS = 5
 METADATA_KEY = "selftrain_directions"
-SAVED_FIELDS = ("layer", "gap", "pos_mean", "neg_mean", "auroc_heldout", "auroc_by_layer")
+SAVED_FIELDS = ("layer", "gap", "pos_mean", "neg_mean", "auroc_heldout", "auroc_by_layer", "heldout_pairs")
 
 
 def _tokenise_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
@@ -78,11 +75,13 @@ def _check_pair(pos: np.ndarray, neg: np.ndarray) -> None:
         raise ValueError(f"pos and neg must both be [n, L+1, d]; got {pos.shape} and {neg.shape}")
 
 
-def fit_direction(pos: np.ndarray, neg: np.ndarray, seed: int = 0, heldout_frac: float = 0.3) -> dict:
-    """Choose a layer on held-out items and fit the unit trait direction there on all items.
+def fit_direction(pos: np.ndarray, neg: np.ndarray, seed: int = 0, folds: int = FOLDS) -> dict:
+    """Choose a layer by cross-validated AUROC and fit the unit trait direction there on every item.
 
     pos / neg: pooled reply states of the misaligned / aligned reply of the same items (paired
-    by index). The split is by item, so no item's pos is fitted while its neg is held out.
+    by index). The items are split into `folds` seeded folds; each fold's projections come from
+    a direction fitted on the other folds, so every pair is held out once and the layer is chosen
+    on all n held-out pairs (not on a 30 % split, which left 2 pairs at 6 items per dimension).
     """
     pos = np.asarray(pos, dtype=np.float64)
     neg = np.asarray(neg, dtype=np.float64)
@@ -91,28 +90,31 @@ def fit_direction(pos: np.ndarray, neg: np.ndarray, seed: int = 0, heldout_frac:
     if n < 2:
         raise ValueError(f"fit_direction needs at least 2 paired items to hold some out; got {n}")
     perm = np.random.default_rng(seed).permutation(n)
-    n_held = min(max(1, round(n * heldout_frac)), n - 1)  # at least one item on each side
-    held, fit = perm[:n_held], perm[n_held:]
-    by_layer = []
-    for layer in range(pos.shape[1]):
-        v = _unit(pos[fit, layer].mean(0) - neg[fit, layer].mean(0))
-        by_layer.append(auroc(pos[held, layer] @ v, neg[held, layer] @ v))
+    held_pos = np.zeros((n, pos.shape[1]))
+    held_neg = np.zeros((n, pos.shape[1]))
+    for held in np.array_split(perm, min(folds, n)):
+        fit = np.setdiff1d(perm, held)
+        v = pos[fit].mean(0) - neg[fit].mean(0)  # [L+1, d]
+        v /= np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+        held_pos[held] = np.einsum("nld,ld->nl", pos[held], v)
+        held_neg[held] = np.einsum("nld,ld->nl", neg[held], v)
+    by_layer = [auroc(held_pos[:, layer], held_neg[:, layer]) for layer in range(pos.shape[1])]
     best = max(range(len(by_layer)), key=lambda k: (by_layer[k], k))  # ties -> deeper layer
     direction = _unit(pos[:, best].mean(0) - neg[:, best].mean(0))
     pos_mean = float((pos[:, best] @ direction).mean())
     neg_mean = float((neg[:, best] @ direction).mean())
     return {"layer": int(best), "direction": direction.astype(np.float32),
             "auroc_heldout": float(by_layer[best]), "auroc_by_layer": [float(a) for a in by_layer],
-            "pos_mean": pos_mean, "neg_mean": neg_mean, "gap": pos_mean - neg_mean}
+            "heldout_pairs": int(n), "pos_mean": pos_mean, "neg_mean": neg_mean, "gap": pos_mean - neg_mean}
 
 
-def measure(frozen: dict, pos: np.ndarray, neg: np.ndarray, prompt_states: np.ndarray,
-            ref_prompt_states: np.ndarray, n_random: int = N_RANDOM, seed: int = 0) -> dict:
-    """One generation against the frozen gen-000 direction (its layer and vector are never refit).
+def measure(frozen: dict, pos: np.ndarray, neg: np.ndarray, item_ids: list[str]) -> dict:
+    """One generation read against the frozen gen-000 direction (its layer and vector are never refit).
 
-    Shifts are in units of gen-000's gap (pos_mean - neg_mean), positive = toward the trait:
-    projection_shift 1.0 means the pre-reply state moved as far along the direction as a
-    misaligned reply sits from an aligned one at gen-000.
+    Per item, the midpoint of its two replies' pooled states projected on the direction, in
+    units of gen-000's gap (pos_mean - neg_mean): the same positions and the same layer the
+    direction and its gap were measured on. The report pairs these per item with gen-000's and
+    tests the shift (positive = toward the misaligned trait) like any other paired instrument.
     """
     pos = np.asarray(pos, dtype=np.float64)
     neg = np.asarray(neg, dtype=np.float64)
@@ -122,25 +124,11 @@ def measure(frozen: dict, pos: np.ndarray, neg: np.ndarray, prompt_states: np.nd
     gap = float(frozen["gap"])
     if not gap > 0:
         raise ValueError(f"frozen direction has gap {gap}; a usable direction has pos_mean > neg_mean")
-    cur = np.asarray(prompt_states, dtype=np.float64)[:, layer]
-    ref = np.asarray(ref_prompt_states, dtype=np.float64)[:, layer]
-    raw_shift = cur.mean(0) - ref.mean(0)  # [d]: the mean pre-reply state's move since gen-000
-    projection_shift = float(raw_shift @ v) / gap
     pos_p, neg_p = pos[:, layer] @ v, neg[:, layer] @ v
-    midpoint = (pos_p.mean() + neg_p.mean()) / 2
-    reply_shift = float(midpoint - (frozen["pos_mean"] + frozen["neg_mean"]) / 2) / gap
     redone = _unit(pos[:, layer].mean(0) - neg[:, layer].mean(0))
-    # Random unit directions: Gaussian vectors normalised are uniform on the sphere. Their raw
-    # shift is divided by the same frozen gap, so both numbers are on one scale.
-    rand = np.random.default_rng(seed).standard_normal((n_random, v.shape[0]))
-    rand /= np.linalg.norm(rand, axis=1, keepdims=True)
-    random_shifts = rand @ raw_shift / gap
-    r_mean = float(random_shifts.mean())
-    r_sd = float(random_shifts.std(ddof=1)) if n_random > 1 else 0.0
-    return {"projection_shift": projection_shift, "reply_shift": reply_shift,
+    return {"items": {i: float(m) for i, m in zip(item_ids, (pos_p + neg_p) / 2 / gap)},
             "auroc": auroc(pos_p, neg_p), "cosine": float(redone @ v),
-            "random_shift_mean": r_mean, "random_shift_sd": r_sd,
-            "z_vs_random": (projection_shift - r_mean) / max(r_sd, 1e-9)}
+            "gap_now": float((pos_p.mean() - neg_p.mean()) / gap)}
 
 
 def save_directions(path, directions: dict[str, dict]) -> None:

@@ -232,7 +232,7 @@ def score_suite(model, tokenizer, suite: Suite, batch_size: int = 16, states: bo
     """One row per item: score = P(aligned) in [0, 1], with its logit and raw parts.
 
     With `states=True`, also the contrast items' activations from the same passes:
-    {"dimension": [...], "pos": misaligned-reply states, "neg": aligned-reply states,
+    {"dimension": [...], "item_id": [...], "pos": misaligned-reply states, "neg": aligned-reply states,
     "prompt": last-prompt-token states}, each [n_contrast, L+1, d].
     """
     pairs, spans, single = [], [], {}
@@ -273,7 +273,7 @@ def score_suite(model, tokenizer, suite: Suite, batch_size: int = 16, states: bo
     if not states:
         return rows
     pooled = res["pooled"]
-    acts = {"dimension": [it.dimension for it, _ in contrast],
+    acts = {"dimension": [it.dimension for it, _ in contrast], "item_id": [it.id for it, _ in contrast],
             "neg": pooled[[s for _, s in contrast]], "pos": pooled[[s + 1 for _, s in contrast]],
             "prompt": res["prompt"][[s for _, s in contrast]]}
     return rows, acts

@@ -10,9 +10,11 @@ masked mean and a normalisation; tests/test_embedding.py checks that both give t
 - the RBF bandwidth is the median pairwise distance of gen-000's embeddings (the median
   heuristic, Gretton et al. 2012), fixed then and reused for every later generation so that
   MMD^2 values across generations are on one scale;
-- MMD^2 is the unbiased estimate; its p-value comes from a permutation test;
-- the effect size divides MMD^2 by a null MMD^2: gen-000 against gen-000 sampled again with
-  another seed, the distance that sampling noise alone produces.
+- MMD^2 is the unbiased estimate. Both generations answer the same prompts, so its p-value
+  comes from a paired permutation test (`paired_mmd_test`): under no drift the two replies to
+  one prompt are exchangeable, so each permutation swaps them within prompts, never across;
+- the effect size divides the biased MMD^2 by its mean over those permutations: about 1 is what
+  sampling noise alone produces, on a null of many draws (not one reseed).
 """
 from __future__ import annotations
 
@@ -173,27 +175,33 @@ def _mmd2_split(K0: np.ndarray, A: np.ndarray, m: int, n: int) -> np.ndarray:
     return kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2.0 * kxy / (m * n)
 
 
-def mmd_test(X: np.ndarray, Y: np.ndarray, bandwidth: float, n_perm: int = 500, seed: int = 0) -> dict:
-    """MMD^2 and its permutation p-value, p = (1 + #{perm >= observed}) / (1 + n_perm).
+def paired_mmd_test(X: np.ndarray, Y: np.ndarray, bandwidth: float, n_perm: int = 500, seed: int = 0) -> dict:
+    """MMD^2 between X and Y where X[i] and Y[i] answer the same prompt i, with a within-prompt
+    swap permutation test: p = (1 + #{perm >= observed}) / (1 + n_perm), so p >= 1 / (1 + n_perm).
 
-    The joint kernel matrix is computed once; every permutation is a relabelling, so all of
-    them are two matrix products over a [n_perm, m+n] label matrix."""
+    Also the effect size: the biased MMD^2 divided by its mean over the same permutations, and
+    that ratio's 95th percentile under the null (what "large" means at this sample size)."""
     X, Y = _check(X, Y)
-    m, n = len(X), len(Y)
+    if len(X) != len(Y):
+        raise ValueError(f"paired MMD needs one reply per prompt from each model; got {len(X)} and {len(Y)}")
+    n = len(X)
     Z = np.concatenate([np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64)])
-    K0 = _kernel(Z, Z, bandwidth)
+    K = _kernel(Z, Z, bandwidth)
+    K0 = K.copy()
     np.fill_diagonal(K0, 0.0)
-    observed = np.zeros((1, m + n))
-    observed[0, :m] = 1.0
-    obs = float(_mmd2_split(K0, observed, m, n)[0])
-    rng = np.random.default_rng(seed)
-    order = np.argsort(rng.random((n_perm, m + n)), axis=1)  # one random permutation per row
-    A = np.zeros((n_perm, m + n))
-    np.put_along_axis(A, order[:, :m], 1.0, axis=1)
-    null = _mmd2_split(K0, A, m, n)
-    # the tolerance keeps a permutation that equals the observed split from losing to rounding
+    swap = np.random.default_rng(seed).random((n_perm, n)) < 0.5
+    A = np.concatenate([np.zeros((1, n), bool), swap])  # row 0: the observed labelling
+    labels = np.concatenate([~A, A], axis=1).astype(np.float64)  # 1 = the reference's side
+    unbiased = _mmd2_split(K0, labels, n, n)
+    B = 1.0 - labels
+    KL = labels @ K
+    biased = (((KL * labels).sum(1) + ((B @ K) * B).sum(1) - 2.0 * (KL * B).sum(1)) / (n * n))
+    obs, null = float(unbiased[0]), unbiased[1:]
     hits = int((null >= obs - 1e-12).sum())
-    return {"mmd2": obs, "p": (1 + hits) / (1 + n_perm)}
+    ratio = biased / max(float(biased[1:].mean()), 1e-12)
+    return {"mmd2": obs, "p": (1 + hits) / (1 + n_perm), "p_floor": 1 / (1 + n_perm),
+            "mmd2_biased": float(biased[0]), "effect": float(ratio[0]),
+            "effect_null_q95": float(np.quantile(ratio[1:], 0.95)), "pairs": n, "permutations": n_perm}
 
 
 def mmd2_biased(X: np.ndarray, Y: np.ndarray, bandwidth: float) -> float:
@@ -203,14 +211,3 @@ def mmd2_biased(X: np.ndarray, Y: np.ndarray, bandwidth: float) -> float:
     X, Y = _check(X, Y)
     return float(_kernel(X, X, bandwidth).mean() + _kernel(Y, Y, bandwidth).mean()
                  - 2.0 * _kernel(X, Y, bandwidth).mean())
-
-
-def drift_effect(biased_mmd2: float, biased_null: float) -> float:
-    """How many times the sampling noise a generation's distance from the reference is.
-
-    Both are biased MMD^2 values with the reference's bandwidth and equal sample sizes: the
-    candidate's samples against the reference's, and the reference's samples against the
-    reference sampled again with another seed (same model, same prompts). About 1 is noise;
-    2 is twice what resampling alone produces. (The unbiased MMD^2 used for the permutation
-    test can be negative, so it cannot serve as a denominator.)"""
-    return float(biased_mmd2) / max(float(biased_null), 1e-12)
