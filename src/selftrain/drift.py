@@ -64,6 +64,14 @@ def option_informativeness(polarity: dict[str, list[tuple[float, bool]]]) -> dic
     return out
 
 
+def options_informative(auroc: float | None, min_auroc: float) -> bool | None:
+    """The monitor's rule for answer-option items, kept here for every tool that applies it: they
+    count for a dimension only when the reference model's P("Yes") separates their polarity with
+    AUROC >= monitor.min_option_auroc. None when the reference has no items of both polarities
+    (no AUROC), which counts as not informative."""
+    return None if auroc is None else auroc >= min_auroc
+
+
 def mean_ci(values) -> dict:
     """Mean and 95% t-interval of per-item scores."""
     x = np.asarray(list(values), dtype=float)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from .drift import (LEVELS, activation_levels, collapse_levels, compare, concealment, embedding_level,
-                    load_probe_table, mean_ci, option_informativeness, trend)
+                    load_probe_table, mean_ci, option_informativeness, options_informative, trend)
 from .records import gen_dir, read_json, read_jsonl, write_json, write_text
 
 
@@ -44,7 +44,7 @@ def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[st
     informative = option_informativeness(tables[ref]["polarity"])
     min_auroc = settings.get("min_option_auroc", 0.6)
     for d in dims:
-        dims[d]["options_informative"] = (informative[d] >= min_auroc) if d in informative else None
+        dims[d]["options_informative"] = options_informative(informative.get(d), min_auroc)
         dims[d]["options_polarity_auroc_ref"] = informative.get(d)
     for i, n in enumerate(names):
         # contrast and answer-option items are separate instruments, Holm-corrected together
