@@ -224,10 +224,11 @@ def lineage_main(argv: list[str] | None = None) -> int:
     return 1 if lin.mismatches else 0
 def compare_main(argv: list[str] | None = None) -> int:
     """`selftrain-compare DIR [DIR ...]`: compare arms (constitutions) across finished runs; reads
-    only artifacts on disk (selftrain.compare)."""
+    only artifacts on disk (selftrain.compare). `--plan PILOT`: the seeds per arm a powered
+    comparison needs, from a pilot sweep's seed-to-seed variation, and the sweep to launch."""
     import argparse
 
-    from .compare import compare_runs, write_comparison
+    from .compare import ITEMS, compare_runs, plan, render_plan, write_comparison
 
     ap = argparse.ArgumentParser(prog="selftrain-compare", description="Compare constitutions across finished "
                                  "runs: a sweep folder (its job folders are the runs) or several run folders.")
@@ -235,21 +236,31 @@ def compare_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="where comparison.{json,md,html} go (default: DIR, or the common parent "
                     "of several)")
     ap.add_argument("--allow", action="append", default=[], metavar="KEY",
-                    help="a config key (or prefix, e.g. train.sft) allowed to differ between runs; repeatable")
-    ap.add_argument("--items", choices=("all", "contrast", "options"), default="all",
-                    help="which probe items' P(aligned) to compare (default: all)")
-    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    ap.add_argument("--permutations", type=int, default=2000, help="sign-flip permutations (default 2000)")
-    ap.add_argument("--rng-seed", type=int, default=0, help="seed of the resampling RNG (default 0)")
+                    help="a config key (or prefix, e.g. train.sft) allowed to differ between runs, or "
+                         "fewshot_prompts (arms that show different few-shot prompts); repeatable")
+    ap.add_argument("--items", choices=ITEMS, default="informative",
+                    help="which probe items' P(aligned) to compare (default: informative: contrast items, and "
+                         "answer-option items where the monitor calls them informative)")
+    ap.add_argument("--permutations", type=int, default=10000,
+                    help="random splits when there are too many to enumerate (default 10000)")
+    ap.add_argument("--rng-seed", type=int, default=0, help="seed of the permutation RNG (default 0)")
+    ap.add_argument("--plan", action="store_true",
+                    help="read a pilot sweep (2+ seeds per arm) and print the seeds per arm a powered "
+                         "comparison needs and the sweep command that adds them")
+    ap.add_argument("--sweep-dir", help="with --plan: the hydra.sweep.dir of the proposed sweep "
+                    "(default: the pilot's folder with '-more')")
     args = ap.parse_args(argv)
     try:
-        if args.bootstrap < 100 or args.permutations < 100:
-            raise UserError("--bootstrap and --permutations must be at least 100")
+        if args.permutations < 1000:
+            raise UserError(f"--permutations {args.permutations}: must be at least 1000")
         dirs = [Path(d) for d in args.dirs]
+        if args.plan:
+            print(render_plan(plan(dirs, allow=args.allow, items=args.items, sweep_dir=args.sweep_dir)), end="")
+            return 0
         out = Path(args.out) if args.out else (dirs[0] if len(dirs) == 1 else
                                                Path(os.path.commonpath([d.resolve() for d in dirs])))
-        comp = compare_runs(dirs, allow=args.allow, items=args.items, n_boot=args.bootstrap,
-                            n_perm=args.permutations, rng_seed=args.rng_seed)
+        comp = compare_runs(dirs, allow=args.allow, items=args.items, n_perm=args.permutations,
+                            rng_seed=args.rng_seed)
         write_comparison(comp, out)
     except UserError as e:
         sys.stderr.write(f"selftrain-compare: error: {e}\n")

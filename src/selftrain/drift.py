@@ -78,6 +78,14 @@ def option_informativeness(polarity: dict[str, list[tuple[float, bool]]]) -> dic
     return out
 
 
+def options_informative(auroc: float | None, min_auroc: float) -> bool | None:
+    """The monitor's rule for answer-option items, kept here for every tool that applies it: they
+    count for a dimension only when the reference model's P("Yes") separates their polarity with
+    AUROC >= monitor.min_option_auroc. None when the reference has no items of both polarities
+    (no AUROC), which counts as not informative."""
+    return None if auroc is None else auroc >= min_auroc
+
+
 def polarity_balanced(n_first_aligned: int, n_other: int) -> bool:
     """Whether a dimension's answer-option items are balanced in polarity: the first option
     ("Yes", "(A)") is the aligned one in about half of them. On such items a pure answer-bias
@@ -93,7 +101,7 @@ def options_eligible(rule: str, balanced: bool, auroc: float | None, min_auroc: 
     AUROC >= min_auroc (the earlier rule, kept so the validation harness can compare both)."""
     if rule == "balanced":
         return balanced
-    return auroc is not None and auroc >= min_auroc
+    return bool(options_informative(auroc, min_auroc))
 
 
 def mean_ci(values) -> dict:

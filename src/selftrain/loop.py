@@ -148,7 +148,7 @@ def run(cfg, run_dir: Path) -> dict:
     check_engine(cfg.sampler)  # vllm installed, GPUs for tensor parallel: before any file is read
     if uses_dpo(cfg.train.method) and cfg.preferences.source == "dataset":
         load_user_preferences(cfg.preferences.path)  # a missing field fails here, before any model loads
-    constitution = Constitution.load(cfg.constitution.path)
+    constitution = Constitution.load(cfg.constitution.path, cfg.constitution.context)
     prompts = load_prompts(cfg.prompts, cfg.seed)
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
@@ -176,8 +176,9 @@ def run(cfg, run_dir: Path) -> dict:
         verify_outputs(run_dir, skip=target)
         _check_committed_chunks(cfg, run_dir, prompts, target)
     models.check_weights_format(base, cfg.model.allow_pickle)
+    tokenizer = models.load_tokenizer(base, cfg.model.trust_remote_code)
     models.check_no_control_tokens(
-        models.load_tokenizer(base, cfg.model.trust_remote_code),
+        tokenizer,
         [(f"prompt '{p.id}' ({p.source})", p.text) for p in prompts]
         + [(f"{constitution.path}: principle '{c.id}'", c.critique + c.revision) for c in constitution.principles]
         + [(f"{constitution.path}: few-shot transcript {i}", " ".join(m["content"] for m in ex.messages()))
@@ -193,7 +194,9 @@ def run(cfg, run_dir: Path) -> dict:
     manifest.update(
         config=config, status="running", started=manifest.data.get("started", now()),
         constitution={"name": constitution.name, "kind": constitution.kind, "path": constitution.path,
-                      "sha256": constitution.sha256, "principles": [p.id for p in constitution.principles]},
+                      "sha256": constitution.sha256, "principles": [p.id for p in constitution.principles],
+                      "context": cfg.constitution.context,
+                      **constitution.footprint(tokenizer, cfg.constitution.fewshot)},
         prompts={"count": len(prompts), "sha256": prompts_hash(prompts),
                  "by_source": {s.name: sum(p.source == s.name for p in prompts) for s in cfg.prompts.sources}},
         probe_suite={"name": suite.name, "version": suite.version, "sha256": suite.sha256,

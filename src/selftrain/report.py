@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .drift import (LEVELS, collapse_levels, compare, concealment, load_probe_table, mde, mean_ci,
-                    option_informativeness, options_eligible, polarity_balanced, power_plan, trend)
+                    option_informativeness, options_eligible, options_informative, polarity_balanced, power_plan,
+                    trend)
 from .records import gen_dir, read_json, read_jsonl, write_json, write_text
 
 
@@ -159,7 +160,7 @@ def _dimension_info(ref_table: dict, settings: dict) -> dict[str, dict]:
         first = sum(1 for _, f in rows if f)
         balanced = polarity_balanced(first, len(rows) - first)
         dims[d] = {"family": fam, "options_polarity_auroc_ref": informative.get(d),
-                   "options_informative": (informative[d] >= min_auroc) if d in informative else None,
+                   "options_informative": options_informative(informative.get(d), min_auroc),
                    "options_balanced": balanced if rows else None,
                    "options_eligible": bool(rows) and options_eligible(rule, balanced, informative.get(d), min_auroc)}
     return dims

@@ -42,6 +42,11 @@ class ConstitutionConfig:
     path: str = _f("builtin:constitution/values.md",
                    "A rules YAML or a values Markdown document; `builtin:` names a shipped file.")
     fewshot: int = _f(2, "Few-shot critique/revision transcripts put before each request (0 for none).")
+    context: str = _f("document", "How much of a values document each critique and revision request quotes: "
+                                  "`document` quotes its preamble and the sections its front matter lists in "
+                                  "`context_sections` (how to weigh conflicts) with the drawn section; `section` "
+                                  "the drawn section alone. A rule list's principles stand alone: rule lists "
+                                  "read the same either way.")
 
 
 @dataclass
@@ -357,6 +362,9 @@ def validate(cfg: Any) -> None:
         need(getattr(cfg.sampler, key) >= 1, f"sampler.{key} must be at least 1")
     need(cfg.critique.rounds >= 1, f"critique.rounds={cfg.critique.rounds}: must be at least 1")
     need(cfg.constitution.fewshot >= 0, f"constitution.fewshot={cfg.constitution.fewshot}: must be >= 0")
+    from .constitution import CONTEXTS
+    need(cfg.constitution.context in CONTEXTS,
+         f"constitution.context={cfg.constitution.context}: must be one of {', '.join(CONTEXTS)}")
     need(len(cfg.prompts.sources) > 0, "prompts.sources is empty: the prompt set needs at least one source")
     for i, src in enumerate(cfg.prompts.sources):
         need((src.path is None) != (src.hf is None),
