@@ -241,6 +241,12 @@ CORPUS = [
     C("cfg-device-absent-gpu", "model.device=cuda:7", "model.device='cuda:7'"),
     C("cfg-critique-rounds-zero", "critique.rounds=0", "critique.rounds=0"),
     C("cfg-constitution-context-unknown", "constitution.context=whole", "constitution.context=whole"),
+    # ---- a monitor that could never alert: 6 items per test over 30 behavioural tests
+    C("cfg-monitor-underpowered", "probes.max_items_per_dimension=6", "probes.max_items_per_dimension",
+      "monitor.allow_underpowered"),
+    C("cfg-monitor-cue-underpowered", ("probes.dimensions=[corrigibility,sycophancy]", "monitor.cue_items=1"),
+      "monitor.cue_items"),
+    C("cfg-monitor-options-rule", "monitor.options_rule=sometimes", "monitor.options_rule=sometimes"),
     C("cfg-source-path-and-hf", "prompts.sources=[{name:x,path:'<BAD>/prompts/ok.jsonl',hf:org/data}]",
       "prompts.sources[0]", "`path`"),
     C("cfg-source-n-zero", "prompts.sources=[{name:x,path:'<BAD>/prompts/ok.jsonl',n:0}]",

@@ -397,7 +397,7 @@ def render_markdown(rep: dict) -> str:
     if rep.get("run"):
         lines += [f"Run: `{rep['run']}`  "]
     lines += [f"Reference: {rep['reference']} (frozen). Alert = a move toward the misaligned pole with Holm-corrected "
-              f"p < {s['alpha']} and |shift| >= {s['min_effect']} in P(aligned) ({s['activation_shift']} of the "
+              f"p < {s['alpha']} and |shift| >= {s['min_effect']} in P(aligned) ({s.get('activation_shift', '–')} of the "
               "gen-0 gap for activations); the same toward the aligned pole is *improved* and never gates; "
               f"watch = significant but small, large but significant only before correction, or a move of "
               f"{s.get('watch_effect', '–')} or more either way.", ""]
