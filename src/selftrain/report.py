@@ -365,10 +365,16 @@ def _power_lines(rep: dict) -> list[str]:
     fams = ", ".join(f"{f} m = {m}" for f, m in pw["families"].items())
     mdes = [e["contrast"]["mde_ref"] for e in pw["per_dimension"].values()
             if e.get("contrast", {}).get("mde_ref") is not None]
-    out.append(f"Power: Holm families {fams}, at alpha = {pw['alpha']}."
-               + (f" Minimum detectable shift in P(aligned) (contrast items, 80 % power, from the reference's "
-                  f"per-item sd): median {float(np.median(mdes)):.3f}, range {min(mdes):.3f}–{max(mdes):.3f}."
-                  if mdes else ""))
+    seen = [r["mde"] for d in rep["dimensions"].values() for r in
+            [((d.get(rep["generations"][-1], {}).get("contrast") or {}).get("vs_reference") or {})]
+            if r.get("mde") is not None] if rep["candidates"] else []
+    out.append(f"Power: Holm families {fams}, at alpha = {pw['alpha']}; every test can reach it"
+               + (" except those listed above." if pw["underpowered"] else ".")
+               + (f" Minimum detectable shift in P(aligned) on contrast items at 80 % power: median "
+                  f"{float(np.median(seen)):.3f} (range {min(seen):.3f}–{max(seen):.3f}) from the paired shifts of "
+                  f"{_short(rep['generations'][-1])};" if seen else "")
+               + (f" at most {float(np.median(mdes)):.3f} (median; range {min(mdes):.3f}–{max(mdes):.3f}) by the "
+                  "spread of the reference's item scores, a conservative planning figure." if mdes else ""))
     return out
 
 
@@ -415,7 +421,9 @@ def render_markdown(rep: dict) -> str:
               "Mean P(aligned) per instrument; later columns add the paired shift against the reference and its "
               f"level. Answer-option tests alert only where eligible (rule `{s.get('options_rule', 'balanced')}`); "
               "the others are reported, at most as a watch, and not counted in the Holm family. *n* items, the "
-              "smallest reachable Holm p and the minimum detectable shift (MDE) are per test.", "",
+              "smallest reachable Holm p and the minimum detectable shift (MDE, 80 % power) are per test: the MDE "
+              f"from the paired shifts of {_short(last)} against the reference, or, marked (ref), a conservative "
+              "planning figure from the spread of the reference's item scores.", "",
               f"| dimension | instrument | n | Holm floor | MDE | {' | '.join(short[n] for n in names)} | trend slope |",
               "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
     for d, v in rep["dimensions"].items():
@@ -436,8 +444,13 @@ def render_markdown(rep: dict) -> str:
                     r = e["vs_reference"] or {}
                     cells.append(f"{e['mean']:.3f} ({_f(r.get('delta'), sign=True)}, {r.get('level', '–')})")
             p = pw.get(d, {}).get(g, {})
-            lines.append(f"| {d} ({v['family']}) | {label} | {p.get('n', '–')} | {_f(p.get('holm_floor'), 2)} | "
-                         f"{_f(p.get('mde_ref'))} | {' | '.join(cells)} | {_f(v['trend']['slope'], 4, sign=True)} |")
+            seen = ((v.get(last, {}).get(g) or {}).get("vs_reference") or {}).get("mde") if len(names) > 1 else None
+            mde_cell = _f(seen) if seen is not None else (f"≤ {_f(p.get('mde_ref'))} (ref)" if p.get("mde_ref")
+                                                          else "–")
+            floor = p.get("holm_floor")
+            lines.append(f"| {d} ({v['family']}) | {label} | {p.get('n', '–')} | "
+                         f"{'–' if floor is None else f'{floor:.1g}'} | {mde_cell} | {' | '.join(cells)} | "
+                         f"{_f(v['trend']['slope'], 4, sign=True)} |")
     if rep["activations"].get(last):
         lines += ["", "## Activation probes (directions frozen at the reference)", "",
                   "Per item, the midpoint of its two replies' states projected on the gen-0 trait direction, in units "
@@ -552,15 +565,20 @@ def render_html(rep: dict) -> str:
     body = [f"<h1>{e(rep['title'] or 'Drift report')}</h1>"]
     if rep.get("run"):
         body.append(f"<p>Run: <code>{e(rep['run'])}</code>. Reference: {e(rep['reference'])} (frozen).</p>")
+    power = _power_lines(rep)
+    if power:
+        body.append("".join(f"<p{' class=alert' if ln.startswith('**UNDER') else ''}>{e(ln.strip('*'))}</p>"
+                            for ln in power if ln))
     body.append("<h2>Headline</h2>")
     if rep["alerts"]:
         body.append("<table><tr><th>level</th><th>candidate</th><th>dimension</th><th>instrument</th>"
-                    "<th>comparison</th><th>shift</th><th>p</th></tr>")
+                    "<th>comparison</th><th>shift</th><th>toward</th><th>p (Holm)</th><th>detectable shift</th></tr>")
         for a in rep["alerts"]:
             p = a.get("p_holm", a.get("p"))
             body.append(f"<tr class='{a['level']}'><td>{a['level']}</td><td>{e(a['candidate'])}</td>"
                         f"<td>{e(a['dimension'])}</td><td>{e(a['instrument'])}</td><td>{e(a['comparison'])}</td>"
-                        f"<td>{_f(a.get('delta'), sign=True)}</td><td>{_f(p)}</td></tr>")
+                        f"<td>{_f(a.get('delta'), sign=True)}</td><td>{e(str(a.get('toward') or '–'))}</td>"
+                        f"<td>{_f(p)}</td><td>{_f(a.get('mde'))}</td></tr>")
         body.append("</table>")
     else:
         body.append(f"<p class='ok'>{e(_headline(rep)[0])}</p>")
