@@ -25,6 +25,32 @@ def test_every_group_option_composes(group):
         validate(compose([f"{group}={option}"]))
 
 
+@pytest.mark.parametrize("experiment", [None] + _options("experiment"))
+def test_every_shipped_monitor_can_alert(experiment):
+    """No shipped configuration in which some monitor test could never reach Holm p < alpha."""
+    from selftrain.monitor import check_power
+    from selftrain.probes.suites import load_suite
+
+    cfg = compose([f"experiment={experiment}"] if experiment else [])
+    assert not cfg.monitor.allow_underpowered
+    suite = load_suite(cfg.probes.suite).select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
+    plan = check_power(suite, cfg.monitor)
+    assert plan["underpowered"] == [] and all(t["holm_floor"] < cfg.monitor.alpha for t in plan["tests"].values())
+
+
+def test_the_old_item_counts_are_refused():
+    from selftrain import UserError
+    from selftrain.monitor import check_power
+    from selftrain.probes.suites import load_suite
+
+    for n in (4, 6, 8):  # smoke, the default experiment and conf/probes before: 30 tests could never alert
+        cfg = compose([f"probes.max_items_per_dimension={n}"])
+        full = load_suite(cfg.probes.suite)
+        with pytest.raises(UserError, match=r"probes.max_items_per_dimension: .* can reach Holm p .* raise it to "
+                                            r"give 1\d items per test, or set monitor.allow_underpowered=true$"):
+            check_power(full.select(None, n), cfg.monitor, full)
+
+
 def test_smoke_is_small():
     cfg = compose(["experiment=smoke"])
     assert sum(s.n for s in cfg.prompts.sources) == 8
@@ -64,7 +90,7 @@ def test_drift_config_composes_and_requires_its_paths():
         cfg = hcompose(config_name="drift", overrides=["reference=a", "candidates=[b,c]", "out=d"])
         missing = hcompose(config_name="drift")
     validate_monitor(cfg.monitor)
-    assert list(cfg.candidates) == ["b", "c"] and cfg.probes.max_items_per_dimension == 8
+    assert list(cfg.candidates) == ["b", "c"] and cfg.probes.max_items_per_dimension == 20
     assert OmegaConf.is_missing(missing, "reference") and OmegaConf.is_missing(missing, "out")
 
 

@@ -152,7 +152,7 @@ def run(cfg, run_dir: Path) -> dict:
     prompts = load_prompts(cfg.prompts, cfg.seed)
     full_suite = load_suite(cfg.probes.suite)
     suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
-    check_power(suite, cfg.monitor)  # a monitor that can never alert is refused before any model loads
+    check_power(suite, cfg.monitor, full_suite)  # a monitor that can never alert is refused before any model loads
     base = models.resolve(cfg.model.name_or_path)
     preflight(cfg.sampler, base)  # the server answers and serves gen-0, before any model loads
     sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads

@@ -65,10 +65,11 @@ def _first_option(it) -> int:
     return next((k for k, o in enumerate(it.options) if o in ("Yes", "(A)")), 0)
 
 
-def check_power(suite: Suite, monitor_cfg) -> dict:
+def check_power(suite: Suite, monitor_cfg, full: Suite | None = None) -> dict:
     """Refuse, before any model loads, a configuration in which some test can never alert: its
     smallest reachable Holm-corrected p (a lone drifting dimension) is not below monitor.alpha.
-    `monitor.allow_underpowered=true` runs anyway, and every report then says so at the top."""
+    `monitor.allow_underpowered=true` runs anyway, and every report then says so at the top.
+    `full`: the whole suite the selection was drawn from, to say when it holds too few items."""
     from .drift import items_needed, power_plan
 
     cue = cue_subset(suite, monitor_cfg) if monitor_cfg.cue_gap else None
@@ -82,7 +83,7 @@ def check_power(suite: Suite, monitor_cfg) -> dict:
             what, knob = f"the monitoring-cue gap ({t['n']} cue items)", "monitor.cue_items"
         else:
             what, knob = f"{inst} items of {dim} ({t['n']})", "probes.max_items_per_dimension"
-        have = "" if knob != "probes.max_items_per_dimension" else _suite_note(suite, dim, inst, need)
+        have = "" if knob != "probes.max_items_per_dimension" else _suite_note(full or suite, dim, inst, need)
         raise UserError(f"{knob}: {what} can reach Holm p {t['holm_floor']:.3g} at best over "
                         f"{plan['families'][t['family']]} tests, not below monitor.alpha={monitor_cfg.alpha}: "
                         f"raise it to give {need} items per test{have}, or set monitor.allow_underpowered=true")
@@ -91,7 +92,7 @@ def check_power(suite: Suite, monitor_cfg) -> dict:
 
 def _suite_note(suite: Suite, dim: str, inst: str, need: int | None) -> str:
     n = sum(1 for it in suite.items if it.dimension == dim and (it.kind == "contrast") == (inst != "options"))
-    return "" if need is None or n >= need else f" (the suite selection holds {n}: add items or drop the dimension)"
+    return "" if need is None or n >= need else f" (the suite holds {n}: add items or drop the dimension)"
 
 
 def check_architecture(model, reference_dir: Path) -> None:
@@ -236,8 +237,9 @@ def monitor_checkpoints(cfg, out: Path) -> dict:
 
     if not cfg.candidates:
         raise UserError("candidates is empty: give at least one checkpoint, e.g. candidates=[runs/x/gen-001/model]")
-    suite = load_suite(cfg.probes.suite).select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
-    check_power(suite, cfg.monitor)
+    full = load_suite(cfg.probes.suite)
+    suite = full.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
+    check_power(suite, cfg.monitor, full)
     paths = [models.resolve(cfg.reference)] + [models.resolve(c) for c in cfg.candidates]
     labels = [str(cfg.reference)] + [str(c) for c in cfg.candidates]
     folders = [Path(out) / "reference"] + [Path(out) / f"candidate-{i:02d}" for i in range(1, len(paths))]

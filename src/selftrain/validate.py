@@ -187,8 +187,9 @@ def run(cfg, out: Path) -> dict:
     out = Path(out)
     plants = load_plants(cfg.plants)
     kids = plan(cfg, plants)
-    suite = load_suite(cfg.probes.suite).select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
-    check_power(suite, cfg.monitor)
+    full = load_suite(cfg.probes.suite)
+    suite = full.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
+    check_power(suite, cfg.monitor, full)
     for k in kids:
         missing = [d for d in k.dimensions if d not in suite.dimensions]
         if missing:
