@@ -1,4 +1,5 @@
-"""A Hydra multirun: a job that fails does not stop the others, and is listed at the end."""
+"""A Hydra multirun: a job that fails does not stop the others, and the sweep report at the end
+lists every job's outcome."""
 import os
 import subprocess
 import sys
@@ -24,7 +25,12 @@ def test_failed_job_is_listed_and_the_sweep_goes_on(tiny_model, tmp_path):
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     lines = [line for line in p.stderr.splitlines() if line.startswith("selftrain:")]
     assert any("error: job 0" in line and "./no-such-model/model" in line for line in lines), lines
-    assert "1 job(s) of the multirun failed" in p.stderr and lines[-1].startswith("selftrain:   job 0"), lines
+    # the sweep report: one line per job, named by the override that differs
+    assert lines[-3] == "selftrain: sweep of 2 job(s): 1 done, 1 failed", lines
+    assert lines[-2].startswith("selftrain:   job 0 (model.name_or_path='./no-such-model/model') in ") and \
+        lines[-2].endswith(": failed: model path does not exist: ./no-such-model/model"), lines
+    assert lines[-1].startswith(f"selftrain:   job 1 (model.name_or_path='{tiny_model}') in ") and \
+        lines[-1].endswith(": done (new run)"), lines
     # the job after the failing one ran to the end
     assert read_json(sweep / "values-seed0-1" / "manifest.json")["status"] == "done"
     assert not (sweep / "values-seed0-0" / "manifest.json").exists()

@@ -2,8 +2,11 @@
 
 `selftrain` runs the loop (selftrain.loop.run). Errors the user caused print as one line,
 `<prog>: error: ...`, and exit with status 2; HYDRA_FULL_ERROR=1 shows the traceback.
-SIGINT/SIGTERM exit 130/143 with the command that resumes. In a multirun (-m) a failing job
-is reported and the sweep goes on; FailedJobs lists the failures at the end and exits 1.
+SIGINT/SIGTERM exit 130/143 with the command that resumes; in a submitit job, its pre-emption
+signal requeues the job once the run has stopped (selftrain.preempt). In a multirun (-m) a
+failing job is reported and the sweep goes on; at the end a sweep report gives each job's
+outcome (done, resumed from a stage, running elsewhere, failed) and the exit status is 1 if any
+job failed.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from pathlib import Path
 import hydra
 import hydra._internal.utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
@@ -51,9 +54,11 @@ def _user_error(ex: BaseException) -> UserError | None:
 
 
 def _run_and_report(func):
-    """Replaces Hydra's error printer: one line for user errors, a traceback for our bugs."""
+    """Replaces Hydra's error printer: one line for user errors, a traceback for our bugs.
+    Hydra runs a multirun through it too, so the sweep report is printed here: a Hydra callback
+    would not see the jobs' outcomes, since under joblib and submitit it runs in each job's process."""
     try:
-        return func()
+        result = func()
     except Exception as ex:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -67,34 +72,116 @@ def _run_and_report(func):
             raise
         sys.stderr.write(f"{prog}: error: {msg}\n")
         sys.exit(2)
+    if _is_sweep(result):
+        _sweep_report([r for batch in result for r in batch])
+    return result
 
 
 hydra_utils.run_and_report = _run_and_report
 
 
+def _is_sweep(result) -> bool:
+    """Whether `result` is what Hydra's multirun returns: batches of JobReturn."""
+    return (isinstance(result, list) and bool(result)
+            and all(isinstance(b, (list, tuple)) and all(isinstance(r, JobReturn) for r in b) for b in result))
+
+
+def _outcome(value: dict) -> tuple[str, str]:
+    """(kind, text) of one job's outcome, as the job wrapper returned it."""
+    if "failed" in value:
+        return "failed", f"failed: {value['failed']}"
+    if "locked" in value:
+        return "locked", f"running elsewhere (locked by {value['locked']})"
+    status = value.get("status", "?")
+    if value.get("gate"):
+        status += f" ({value['gate']})"
+    attempt = value.get("attempt")
+    if not attempt:  # a job that runs no loop (selftrain-drift)
+        return "done", status
+    mode, first = attempt.get("mode"), attempt.get("from")
+    if mode == "resume":
+        return ("resumed", f"resumed from {first}: {status}") if first else ("done", f"{status} (nothing left to do)")
+    if mode == "force":
+        return "resumed", f"redone from {first}: {status}"
+    return "done", f"{status} ({'started over' if mode == 'restart' else 'new run'})"
+
+
+def _sweep_report(returns: list[JobReturn]) -> None:
+    """One line per job of the sweep, named by its number and the overrides that tell it from the
+    other jobs; exit 1 if any failed."""
+    prog = Path(sys.argv[0]).name or "selftrain"
+    lines, kinds = [], {"done": 0, "resumed": 0, "locked": 0, "failed": 0}
+    overrides = [list(r.overrides or []) for r in returns]
+    common = set.intersection(*map(set, overrides))
+    for n, r in enumerate(returns):
+        value = r._return_value
+        if r.status == JobStatus.FAILED:  # an exception the job wrapper let through
+            value = {"failed": f"{type(value).__name__}: {value}"}
+        if not isinstance(value, dict):
+            value = {"failed": f"the job returned {value!r}, not an outcome"}
+        kind, text = _outcome(value)
+        kinds[kind] += 1
+        own = [o for o in overrides[n] if o not in common]
+        job = f"job {n}" + (f" ({' '.join(own)})" if own else "")
+        lines.append(f"{prog}:   {job} in {value.get('dir', '?')}: {text}")
+    counts = ", ".join(f"{v} {k if k != 'locked' else 'running elsewhere'}" for k, v in kinds.items() if v)
+    sys.stderr.write(f"{prog}: sweep of {len(returns)} job(s): {counts}\n" + "\n".join(lines) + "\n")
+    if kinds["failed"]:
+        sys.exit(1)
+
+
 def _user_errors_exit(job):
     """Inside a Hydra job, print a user error as one line and exit 2 (Hydra would add a line
     'Error executing job with overrides' before it). Our bugs still raise with a traceback.
-    In a multirun, a failing job is reported and returns a failure, so the sweep goes on.
-    An interrupt prints how to resume and exits 128 + the signal number."""
+    In a multirun, every job returns its outcome for the sweep report: a failing job is reported
+    and returns a failure, so the sweep goes on; a job whose folder is held returns `locked`.
+    An interrupt prints how to resume and exits 128 + the signal number; submitit's pre-emption
+    signal requeues the job instead (selftrain.preempt)."""
     import functools
+
+    from .lock import FolderLocked, describe
 
     @functools.wraps(job)
     def wrapper(cfg):
         prog = Path(sys.argv[0]).name or "selftrain"
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
+        me = ({"job": f"job {hc.job.num} ({hc.job.override_dirname or 'no overrides'})",
+               "dir": hc.runtime.output_dir} if multirun else {})
+
+        def failed(line: str):
+            if not multirun:
+                sys.stderr.write(f"{prog}: error: {line}\n")
+                sys.exit(2)
+            sys.stderr.write(f"{prog}: error: {me['job']}: {line}\n")
+            return {**me, "failed": line}
+
         try:
-            return job(cfg)
+            result = job(cfg)
+            return {**me, "status": "done", **(result if isinstance(result, dict) else {})} if multirun else result
         except KeyboardInterrupt as e:
+            from .preempt import preempt_signal, requeue
             from .resume import resume_command
 
+            at = f" at {e.where}" if getattr(e, "where", None) else ""
+            if getattr(e, "requeue", False):
+                sys.stderr.write(f"{prog}: pre-empted ({e}{at}); finished stages and committed chunks are kept; "
+                                 "handing the job to submitit to requeue\n")
+                sys.stderr.flush()
+                why = requeue(preempt_signal())  # on success submitit exits this process
+                return failed(f"interrupted ({e}{at}) and not requeued: {why}")
             key, folder = ("hydra.sweep.dir", hc.sweep.dir) if multirun else ("hydra.run.dir", hc.runtime.output_dir)
-            where = getattr(e, "where", None)
-            sys.stderr.write(f"{prog}: interrupted ({e or 'KeyboardInterrupt'}"
-                             f"{f' at {where}' if where else ''}); finished stages and committed chunks "
-                             f"are kept; to resume, run: {resume_command(key, Path(folder).resolve(), sys.argv)}\n")
+            again = resume_command(key, Path(folder).resolve(), sys.argv)
+            sys.stderr.write(f"{prog}: interrupted ({e or 'KeyboardInterrupt'}{at}); finished stages and committed "
+                             f"chunks are kept; to resume, run: {again}\n")
             sys.exit(getattr(e, "exit_status", 130))
+        except FolderLocked as e:
+            if not multirun:
+                return failed(str(e))
+            sys.stderr.write(f"{prog}: {me['job']}: {e}\n")
+            holder = e.holder
+            return {**me, "locked": (f"{describe(holder)}; check it with 'ps -fp {holder['pid']}' on {holder['host']}"
+                                     if holder else str(e))}
         except Exception as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (multirun or isinstance(e, UserError)):
                 raise
@@ -105,46 +192,23 @@ def _user_errors_exit(job):
 
                 traceback.print_exc()
                 line = f"{type(e).__name__}: {e}"
-            if not multirun:
-                sys.stderr.write(f"{prog}: error: {line}\n")
-                sys.exit(2)
-            job_id = f"job {hc.job.num} ({hc.job.override_dirname or 'no overrides'})"
-            sys.stderr.write(f"{prog}: error: {job_id}: {line}\n")
-            return {"failed": line, "job": job_id, "dir": hc.runtime.output_dir}
+            return failed(line)
     return wrapper
-
-
-class FailedJobs(Callback):
-    """Registered in conf/config.yaml's hydra.callbacks: after a multirun, list the jobs that
-    failed (each still wrote its own run folder and manifest) and exit 1 if any did."""
-
-    def __init__(self) -> None:
-        self.failed: list[dict] = []
-
-    def on_job_end(self, config, job_return, **kwargs) -> None:
-        value = getattr(job_return, "_return_value", None)
-        if isinstance(value, dict) and "failed" in value:
-            self.failed.append(value)
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if not self.failed:
-            return
-        prog = Path(sys.argv[0]).name or "selftrain"
-        lines = [f"{prog}: {len(self.failed)} job(s) of the multirun failed; the others ran:"]
-        lines += [f"{prog}:   {f['job']} in {f['dir']}: {f['failed']}" for f in self.failed]
-        sys.stderr.write("\n".join(lines) + "\n")
-        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 @_user_errors_exit
-def _selftrain(cfg) -> None:
+def _selftrain(cfg) -> dict:
+    """Run the loop in Hydra's output folder; return the outcome a sweep report needs."""
     from .loop import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     manifest = run(cfg, run_dir)
     print(f"selftrain: run finished in {run_dir} ({manifest['status']})\n"
           f"selftrain: drift report: {manifest['final_report']}")
+    gate = manifest.get("gate")
+    return {"status": manifest["status"], "attempt": manifest["attempts"][-1],
+            "gate": f"stopped before {gate['stopped_before']}: {gate['reason']}" if gate else None}
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="drift")

@@ -8,6 +8,8 @@ using them, and a generation's model loads only once its producing train stage i
 Generation 0 is the base model; `generations=G` trains G times and probes
 all of gen-000..gen-G. The monitor (probe + report) runs first in each generation, so a
 generation's drift report exists before its data is used for anything.
+A run holds its folder's lock (selftrain.lock) from before it reads the folder until it ends, so
+a folder has one writer at a time; the run manifest lists every start under `attempts`.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .constitution import Constitution
 from .critique import critique_stage
 from .data import build_datasets
 from .lineage import config_sha256
+from .lock import RunLock
 from .monitor import check_power, probe_model
 from .probes import guard
 from .probes.suites import load_suite
@@ -50,12 +53,13 @@ RUN_CONTROL = ("resume", "force_stage")
 class Generation:
     """One generation's folder, manifest and (lazily loaded) model."""
 
-    def __init__(self, run_dir: Path, k: int, model_path: str, parent: str | None, cfg):
+    def __init__(self, run_dir: Path, k: int, model_path: str, parent: str | None, cfg, on_stage=None):
         self.k, self.dir, self.model_path, self.cfg = k, gen_dir(run_dir, k), model_path, cfg
         self.manifest = Manifest(self.dir / MANIFEST, {"generation": k, "model": model_path, "parent": parent},
                                  root=run_dir)
         self._model = self._tok = None
         self.current: str | None = None  # the stage running now, for the interrupt message
+        self.on_stage = on_stage  # told "gen-k/stage" before each stage that runs
 
     def model(self):
         if self._model is None:
@@ -74,6 +78,8 @@ class Generation:
             return False
         self.current = f"{self.dir.name}/{stage}"
         check_interrupt()
+        if self.on_stage is not None:
+            self.on_stage(self.current)
         return True
 
 
@@ -139,12 +145,20 @@ def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
 
 
 def run(cfg, run_dir: Path) -> dict:
-    """Run (or resume) a whole self-training experiment in `run_dir`. Returns the run manifest."""
+    """Run (or resume) a whole self-training experiment in `run_dir`, holding the folder's lock
+    throughout (a folder held by a live process is refused: lock.FolderLocked). Returns the run
+    manifest; its last `attempts` entry says how this run started ("mode") and the first stage it
+    ran ("from", None when nothing was left to do)."""
+    run_dir = Path(run_dir)
+    validate(cfg)
+    with RunLock(run_dir) as lock:
+        return _run(cfg, run_dir, lock)
+
+
+def _run(cfg, run_dir: Path, lock: RunLock) -> dict:
     import datasets
 
     datasets.disable_progress_bars()  # one bar per stage is ours; datasets' save/map bars are noise
-    run_dir = Path(run_dir)
-    validate(cfg)
     check_engine(cfg.sampler)  # vllm installed, GPUs for tensor parallel: before any file is read
     if uses_dpo(cfg.train.method) and cfg.preferences.source == "dataset":
         load_user_preferences(cfg.preferences.path)  # a missing field fails here, before any model loads
@@ -166,11 +180,11 @@ def run(cfg, run_dir: Path) -> dict:
                                 list(cfg.preferences.options))
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     # Everything up to start_over / apply_force only reads: a refused run changes nothing.
     target = None
+    existed = (run_dir / MANIFEST).exists()
     if cfg.resume:
-        if (run_dir / MANIFEST).exists():
+        if existed:
             _check_resume(run_dir / MANIFEST, read_manifest(run_dir / MANIFEST), config)
         target = force_target(run_dir, parse_force(cfg.force_stage, cfg.generations))
         verify_outputs(run_dir, skip=target)
@@ -191,7 +205,19 @@ def run(cfg, run_dir: Path) -> dict:
     if target is not None:
         apply_force(run_dir, target)
     manifest = Manifest(run_dir / MANIFEST)
+    attempt = {"started": now(), **{k: lock.record[k] for k in ("host", "pid", "slurm_job") if k in lock.record},
+               "mode": ("restart" if not cfg.resume and existed else "force" if target is not None
+                        else "resume" if existed else "new"), "from": None}
+    if lock.took_over:
+        manifest.data.setdefault("lock_takeovers", []).append(lock.took_over)
+
+    def on_stage(where: str) -> None:
+        if attempt["from"] is None:
+            attempt["from"] = where
+            manifest.save()
+
     manifest.update(
+        attempts=manifest.data.get("attempts", []) + [attempt],
         config=config, status="running", started=manifest.data.get("started", now()),
         constitution={"name": constitution.name, "kind": constitution.kind, "path": constitution.path,
                       "sha256": constitution.sha256, "principles": [p.id for p in constitution.principles],
@@ -209,8 +235,8 @@ def run(cfg, run_dir: Path) -> dict:
                 parent = None if k == 0 else (base if k == 1 else str(gen_dir(run_dir, k - 1) / "model"))
                 if k > 0:
                     _require_trained(run_dir, k)
-                gate = _generation(cfg, run_dir, Generation(run_dir, k, model_path, parent, cfg), constitution,
-                                   prompts, suite, full_suite.texts(), last=(k == cfg.generations))
+                gate = _generation(cfg, run_dir, Generation(run_dir, k, model_path, parent, cfg, on_stage),
+                                   constitution, prompts, suite, full_suite.texts(), last=(k == cfg.generations))
                 manifest.update(generations_done=k + 1)
                 if gate:
                     manifest.update(status="gated", gate=gate, finished=now(),

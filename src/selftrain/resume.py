@@ -8,7 +8,9 @@
   as an uninterrupted one.
 - SIGINT/SIGTERM set a flag that is read between chunks, training steps and stages; the
   stage is then marked `interrupted` and the CLI exits 130/143 with the command that resumes.
-  A second signal stops at once.
+  A second signal stops at once. In a submitit job, its pre-emption signal (SIGUSR2) stops the
+  same way and asks for a requeue once the run has stopped (selftrain.preempt); with a SIGTERM
+  a few seconds either side of it, it is one notice, since Slurm sends both on pre-emption.
 - `force_stage` and `resume=false` move earlier outputs aside into <run>/replaced-<time>/
   (nothing is deleted); outputs of finished stages are checked against their recorded hashes
   before a resume uses them.
@@ -23,6 +25,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -43,10 +46,11 @@ _FORCE = re.compile(r"^(?:gen-(\d{3,})/)?([a-z_]+)$")
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised at a safe point after SIGINT/SIGTERM (or at once after a second signal)."""
+    """Raised at a safe point after SIGINT/SIGTERM (or at once after a second signal).
+    `requeue`: submitit's pre-emption signal came too, so the job should be requeued."""
 
-    def __init__(self, signum: int, immediate: bool = False):
-        self.signum, self.immediate = signum, immediate
+    def __init__(self, signum: int, immediate: bool = False, requeue: bool = False):
+        self.signum, self.immediate, self.requeue = signum, immediate, requeue
         name = signal.Signals(signum).name
         super().__init__(f"{name} received" + (" twice: stopped at once" if immediate else ""))
 
@@ -57,6 +61,14 @@ class Interrupted(KeyboardInterrupt):
 
 class _Flag:
     signum: int | None = None
+    requeue: bool = False
+    stop: bool = False  # a SIGINT/SIGTERM came
+    preempt_at: float | None = None  # when the pre-emption signal came (time.monotonic)
+
+
+# Slurm sends SIGTERM and the pre-emption signal together, in either order, on pre-emption: one
+# notice. A SIGTERM well after the pre-emption signal is the time limit itself: stop at once.
+PAIR_S = 5.0
 
 
 _FLAG = _Flag()
@@ -65,7 +77,7 @@ _FLAG = _Flag()
 def check_interrupt() -> None:
     """Raise Interrupted if a signal arrived; called between chunks, training steps and stages."""
     if _FLAG.signum is not None:
-        raise Interrupted(_FLAG.signum)
+        raise Interrupted(_FLAG.signum, requeue=_FLAG.requeue)
 
 
 def interrupt_requested() -> bool:
@@ -74,21 +86,39 @@ def interrupt_requested() -> bool:
 
 @contextlib.contextmanager
 def graceful_interrupts() -> Iterator[None]:
-    """Turn the first SIGINT/SIGTERM into a flag; a second one raises Interrupted at once."""
+    """Turn the first SIGINT/SIGTERM into a flag; a second one raises Interrupted at once.
+    In a submitit job its pre-emption signal sets the flag too, and asks for a requeue."""
+    from .preempt import preempt_signal
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    sigs = (signal.SIGINT, signal.SIGTERM)
+    preempt = preempt_signal()
+    sigs = (signal.SIGINT, signal.SIGTERM) + ((preempt,) if preempt else ())
     old = {s: signal.getsignal(s) for s in sigs}
 
     def handler(signum, frame):
-        if _FLAG.signum is not None:
-            raise Interrupted(signum, immediate=True)
-        _FLAG.signum = signum
-        log.warning("%s received: finishing the current chunk or step, then stopping "
-                    "(send it again to stop at once)", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if signum == preempt:
+            _FLAG.requeue, _FLAG.preempt_at = True, time.monotonic()
+            if _FLAG.signum is None:
+                _FLAG.signum = signum
+            log.warning("%s received (pre-emption or time limit): finishing the current chunk or step, "
+                        "then stopping to be requeued", name)
+            return
+        paired = _FLAG.preempt_at is not None and time.monotonic() - _FLAG.preempt_at < PAIR_S
+        if _FLAG.stop or (_FLAG.signum is not None and not paired):
+            raise Interrupted(signum, immediate=True, requeue=_FLAG.requeue)
+        _FLAG.stop = True
+        if _FLAG.signum is None:
+            _FLAG.signum = signum
+            log.warning("%s received: finishing the current chunk or step, then stopping "
+                        "(send it again to stop at once)", name)
 
-    _FLAG.signum = None
+    def reset():
+        _FLAG.signum, _FLAG.requeue, _FLAG.stop, _FLAG.preempt_at = None, False, False, None
+
+    reset()
     for s in sigs:
         signal.signal(s, handler)
     try:
@@ -96,7 +126,7 @@ def graceful_interrupts() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _FLAG.signum = None
+        reset()
 
 
 # --------------------------------------------------------------------------- chunks

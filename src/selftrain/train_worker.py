@@ -65,6 +65,11 @@ def launch(function: str, num_processes: int, accelerate_config: str | None, wor
     for scratch in work_dir.glob("rank-*"):
         shutil.rmtree(scratch, ignore_errors=True)
     if rc != 0 or not Path(spec["result"]).is_file():
+        from .resume import check_interrupt
+
+        # The ranks died of the signal that is stopping this run (Ctrl-C reaches the whole process
+        # group, Slurm signals every process of a job): the stage is interrupted, not failed.
+        check_interrupt()
         lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         mine = [ln[ln.index(ERROR_PREFIX) + len(ERROR_PREFIX):] for ln in lines if ERROR_PREFIX in ln]
         if mine:
