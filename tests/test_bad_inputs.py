@@ -95,7 +95,7 @@ def _pairs_without_chosen(work: Path) -> None:
     Dataset.from_list([{"prompt": "Hi", "rejected": "Go away."}]).save_to_disk(str(work / "pairs"))
 
 
-RESUME_ARGS = ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/fake_model'")
+RESUME_ARGS = ("probes.suite='<MINI>'", "monitor.allow_underpowered=true", "model.name_or_path='<WORK>/fake_model'")
 
 
 def _resume_literal(work: Path) -> None:
@@ -270,14 +270,14 @@ CORPUS = [
     C("pref-dataset-folder-missing-column", ("train=dpo", "preferences.source=dataset",
                                              "preferences.path='<WORK>/pairs'"),
       "<WORK>/pairs", "'chosen'", setup=_pairs_without_chosen),
-    C("pref-labeller-options-same-token", ("train=dpo", "preferences=ai_feedback", "probes.suite='<MINI>'",
+    C("pref-labeller-options-same-token", ("train=dpo", "preferences=ai_feedback", "probes.suite='<MINI>'", "monitor.allow_underpowered=true",
                                            "model.name_or_path='<WORK>/tok_model'"),
       "cannot tell options 'A' and 'B' apart", "preferences.options", setup=_tokenizer_only_model),
     # ---- model (a valid probe suite, so that model resolution is reached)
-    C("model-missing-folder", ("probes.suite='<MINI>'", "model.name_or_path=./nope/model"), "./nope/model"),
-    C("model-folder-without-config", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/model_no_config'"),
+    C("model-missing-folder", ("probes.suite='<MINI>'", "monitor.allow_underpowered=true", "model.name_or_path=./nope/model"), "./nope/model"),
+    C("model-folder-without-config", ("probes.suite='<MINI>'", "monitor.allow_underpowered=true", "model.name_or_path='<WORK>/model_no_config'"),
       "model_no_config", "config.json", setup=_model_folder_without_config),
-    C("model-embedded-unknown", ("probes.suite='<MINI>'", "model.name_or_path='embedded:unknown'"),
+    C("model-embedded-unknown", ("probes.suite='<MINI>'", "monitor.allow_underpowered=true", "model.name_or_path='embedded:unknown'"),
       "embedded:unknown"),
     C("cfg-run-name-escapes-runs", "run_name=../../elsewhere", "run_name=../../elsewhere"),
     # ---- constitution files
@@ -333,7 +333,7 @@ CORPUS = [
     C("sampler-openai-fixed-model-many-generations", ("sampler=openai", "sampler.model=m"), "sampler.model=m",
       "generations"),
     C("sampler-openai-unreachable", ("sampler=openai", "sampler.base_url=http://127.0.0.1:9/v1", "sampler.retries=1",
-                                     "sampler.backoff_s=0.1", "probes.suite='<MINI>'",
+                                     "sampler.backoff_s=0.1", "probes.suite='<MINI>'", "monitor.allow_underpowered=true",
                                      "model.name_or_path='<WORK>/fake_model'"),
       "sampler.base_url=http://127.0.0.1:9/v1", "unreachable after 2 attempt(s)", setup=_fake_model),
     C("sampler-vllm-tensor-parallel-over-gpus", ("sampler=vllm", "sampler.tensor_parallel_size=64"),
@@ -373,9 +373,9 @@ CORPUS = [
       "force_stage=gen-000/sample", setup=_recorded_output("tamper")),
     C("output-missing", RESUME_ARGS, "gen-000/samples.jsonl", "missing", setup=_recorded_output("remove")),
     # ---- checkpoints
-    C("checkpoint-pickle-only", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/pickle_model'"),
+    C("checkpoint-pickle-only", ("probes.suite='<MINI>'", "monitor.allow_underpowered=true", "model.name_or_path='<WORK>/pickle_model'"),
       "pickle_model", "pytorch_model.bin", "allow_pickle", setup=_pickle_checkpoint),
-    C("checkpoint-empty-folder", ("probes.suite='<MINI>'", "model.name_or_path='<WORK>/empty_model'"),
+    C("checkpoint-empty-folder", ("probes.suite='<MINI>'", "monitor.allow_underpowered=true", "model.name_or_path='<WORK>/empty_model'"),
       "empty_model", "config.json", setup=_mkdir("empty_model")),
 ]
 
