@@ -71,6 +71,27 @@ TINY_OVERRIDES = [
 ]
 
 
+MINI_SUITE = str(Path(__file__).parent / "data" / "mini_suite")
+# One trained generation on the mini suite, greedy and monitor-light: runs whose artifacts are
+# compared byte for byte (kill and resume, locking, requeue).
+GREEDY_ARGS = TINY_OVERRIDES + [
+    "generations=1", f"probes.suite={MINI_SUITE}", "probes.max_items_per_dimension=null",
+    "data.max_top_trigram_share=1.0",
+    "monitor.activations=false", "monitor.embedding=false", "monitor.collapse=false", "monitor.cue_gap=false",
+    # greedy; the random tiny model needs a strong repetition penalty to write anything but newlines
+    "sampler.temperature=0", "sampler.repetition_penalty=5.0", "sampler.chunk_size=2",
+]
+
+
+def finished_run(args: list[str], tmp_path_factory) -> Path:
+    """One uninterrupted run of `args`, shared read-only by a module: copy before changing."""
+    from selftrain.loop import run
+
+    d = tmp_path_factory.mktemp("finished") / "run"
+    assert run(compose(args), d)["status"] == "done"
+    return d
+
+
 @pytest.fixture
 def tiny_cfg(tiny_model):
     return compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}"])

@@ -19,16 +19,11 @@ from pathlib import Path
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES, compose
+from conftest import GREEDY_ARGS, compose
 from selftrain.records import read_json, sha256_tree
 
 SELFTRAIN = Path(sys.executable).parent / "selftrain"
-SUITE = str(Path(__file__).parent / "data" / "mini_suite")
-ARGS = TINY_OVERRIDES + [
-    "generations=1", f"probes.suite={SUITE}", "probes.max_items_per_dimension=null", "data.max_top_trigram_share=1.0",
-    "monitor.activations=false", "monitor.embedding=false", "monitor.collapse=false", "monitor.cue_gap=false",
-    # greedy; the random tiny model needs a strong repetition penalty to write anything but newlines
-    "sampler.temperature=0", "sampler.repetition_penalty=5.0", "sampler.chunk_size=2",
+ARGS = GREEDY_ARGS + [
     # several optimiser steps, so that a kill can land between them
     "train.sft.per_device_train_batch_size=1", "train.sft.num_train_epochs=4",
 ]

@@ -13,19 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES, compose
+from conftest import GREEDY_ARGS, compose, finished_run
 from selftrain import UserError
 from selftrain import lock as lockmod
 from selftrain.lock import LOCK_FILE, FolderLocked, RunLock
 from selftrain.records import read_json
 
 SELFTRAIN = Path(sys.executable).parent / "selftrain"
-SUITE = str(Path(__file__).parent / "data" / "mini_suite")
-ARGS = TINY_OVERRIDES + [
-    "generations=1", f"probes.suite={SUITE}", "probes.max_items_per_dimension=null", "data.max_top_trigram_share=1.0",
-    "monitor.activations=false", "monitor.embedding=false", "monitor.collapse=false", "monitor.cue_gap=false",
-    "sampler.temperature=0", "sampler.repetition_penalty=5.0", "sampler.chunk_size=2",
-]
+ARGS = GREEDY_ARGS
 WAIT_S = 300
 
 
@@ -53,12 +48,7 @@ def args(tiny_model):
 
 @pytest.fixture(scope="module")
 def finished(args, tmp_path_factory) -> Path:
-    """One uninterrupted run, shared read-only: copy before changing."""
-    from selftrain.loop import run
-
-    d = tmp_path_factory.mktemp("finished") / "run"
-    assert run(compose(args), d)["status"] == "done"
-    return d
+    return finished_run(args, tmp_path_factory)
 
 
 def _lock_file(run: Path, **fields) -> Path:

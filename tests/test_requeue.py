@@ -13,28 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose
 from selftrain.lock import LOCK_FILE, RunLock
 from selftrain.records import read_json, write_json
-from test_lock import ARGS, artifacts
+from test_lock import args, artifacts, finished  # noqa: F401 (fixtures shared with the lock tests)
 
 SELFTRAIN = Path(sys.executable).parent / "selftrain"
 WAIT_S = 600
-
-
-@pytest.fixture(scope="module")
-def args(tiny_model):
-    return ARGS + [f"model.name_or_path={tiny_model}"]
-
-
-@pytest.fixture(scope="module")
-def finished(args, tmp_path_factory) -> Path:
-    """One uninterrupted run, shared read-only: copy before changing."""
-    from selftrain.loop import run
-
-    d = tmp_path_factory.mktemp("finished") / "run"
-    assert run(compose(args), d)["status"] == "done"
-    return d
 
 
 def _env() -> dict:
