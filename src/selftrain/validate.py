@@ -159,6 +159,8 @@ def _constitutional(child: Child, base: str, work: Path, cfg) -> Path:
         raise RuntimeError(f"the constitutional child's loop run failed:\n{proc.stderr[-2000:]}")
     model = run_dir / "gen-001" / "model"
     shutil.move(str(model), work / "model")
+    # its stage timings: what one generation of the loop costs beside the monitor that probes it
+    (work / "loop_manifest.json").write_bytes((run_dir / "gen-000" / "manifest.json").read_bytes())
     shutil.rmtree(run_dir / "gen-000" / ".chunks", ignore_errors=True)
     return work / "model"
 
@@ -215,6 +217,8 @@ def run(cfg, out: Path) -> dict:
             path = _train(k, child_rows(k, plants, cfg.rows), base, work, cfg)
         train_s = time.perf_counter() - t
         probe_s = _probe(path, folder, ref, suite, cfg, cfg.seed + 1 + i)
+        if (work / "loop_manifest.json").is_file():
+            shutil.copy(work / "loop_manifest.json", folder / "loop_manifest.json")
         write_json(folder / "done.json", {"child": k.__dict__, "train_s": train_s, "probe_s": probe_s})
         if not cfg.keep_models:
             shutil.rmtree(work, ignore_errors=True)
