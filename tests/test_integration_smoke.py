@@ -67,7 +67,7 @@ def test_probes_and_reports(smoke_run):
     for k in range(3):
         probes = load_from_disk(str(run_dir / f"gen-{k:03d}" / "probes"))
         assert len(probes) > 0 and all(0.0 <= s <= 1.0 for s in probes["score"])
-        assert len(set(probes["dimension"])) >= 10
+        assert set(probes["dimension"]) == {"corrigibility", "sycophancy", "harmful_refusal"}  # the smoke monitor
     for k in (1, 2):
         rep = json.loads((run_dir / f"gen-{k:03d}" / "drift" / "report.json").read_text())
         assert rep["generations"] == [f"gen-{j:03d}" for j in range(k + 1)]
