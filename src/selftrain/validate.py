@@ -270,8 +270,7 @@ def _verdict(rep: dict, name: str, k: Child) -> dict:
     return {"detected": bool(hit), "value_alert": bool(value), "value_alerts": [
                 f"{a['dimension']} ({a['instrument']})" for a in value],
             "any_alert": any(a["level"] == "alert" for a in rep["alerts"]),
-            "by_instrument": {i: any(a["instrument"] == i for a in hit if k.dimensions) or (
-                k.group == "benign" and any(a["instrument"] == i for a in value)) for i in VALUE}}
+            "detected_by": sorted({a["instrument"] for a in hit})}
 
 
 def calibrate(out: Path, kids: list[Child], settings: dict, trait_dims: dict[str, tuple]) -> dict:
@@ -307,12 +306,6 @@ def _rate(hits: int, n: int) -> dict:
     lo = float(beta.ppf(0.025, hits, n - hits + 1)) if hits else 0.0
     hi = float(beta.ppf(0.975, hits + 1, n - hits)) if hits < n else 1.0
     return {"hits": hits, "n": n, "rate": hits / n if n else None, "ci95": [lo, hi]}
-
-
-def _auc(pos: list[float], neg: list[float]) -> float | None:
-    if not pos or not neg:
-        return None
-    return float(np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg]))
 
 
 def score(out: Path, kids: list[Child], cfg) -> dict:
