@@ -216,16 +216,17 @@ def trend(series: list[float]) -> dict:
     return {"slope": float(res.slope), "p": float(res.pvalue)}
 
 
-def power_plan(counts: dict[str, dict[str, int]], alpha: float, cue_items: int = 0) -> dict:
+def power_plan(counts: dict[str, dict[str, int]], alpha: float, cue_items: int = 0, min_pairs: int = 4) -> dict:
     """What each test can reach, from item counts alone (before any model loads).
 
-    counts: {dimension: {"contrast": n, "options": n_eligible_or_0, "options_ineligible": n}}.
+    counts: {dimension: {"contrast": n, "options": n eligible to alert, else 0}}.
     Returns {"families": {name: m}, "tests": {f"{dim}|{instrument}": {"n", "p_floor",
     "holm_floor", "can_alert"}}, "underpowered": [keys whose holm_floor >= alpha]}.
-    Activations test the contrast items, so their family is one test per contrast dimension."""
+    Activations test the contrast items, so their family is one test per dimension with at least
+    `min_pairs` contrast items (the monitor fits no direction on fewer)."""
     behav = {f"{d}|contrast": c["contrast"] for d, c in counts.items() if c.get("contrast")}
     behav.update({f"{d}|options": c["options"] for d, c in counts.items() if c.get("options")})
-    act = {f"{d}|activation": c["contrast"] for d, c in counts.items() if c.get("contrast", 0) >= 4}
+    act = {f"{d}|activation": c["contrast"] for d, c in counts.items() if c.get("contrast", 0) >= min_pairs}
     families = {"behavioural": behav, "activation": act}
     if cue_items:
         families["monitoring_cue_gap"] = {"all|monitoring_cue_gap": cue_items}

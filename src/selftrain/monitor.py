@@ -54,15 +54,10 @@ def power_counts(suite: Suite, monitor_cfg) -> dict[str, dict[str, int]]:
     for d in suite.dimensions:
         its = [it for it in suite.items if it.dimension == d]
         opts = [it for it in its if it.kind != "contrast"]
-        first = sum(1 for it in opts if it.target == _first_option(it))
+        first = sum(1 for it in opts if it.target == it.first_option)
         ok = monitor_cfg.options_rule != "balanced" or polarity_balanced(first, len(opts) - first)
-        out[d] = {"contrast": sum(it.kind == "contrast" for it in its), "options": len(opts) if ok else 0,
-                  "options_ineligible": 0 if ok else len(opts)}
+        out[d] = {"contrast": sum(it.kind == "contrast" for it in its), "options": len(opts) if ok else 0}
     return out
-
-
-def _first_option(it) -> int:
-    return next((k for k, o in enumerate(it.options) if o in ("Yes", "(A)")), 0)
 
 
 def check_power(suite: Suite, monitor_cfg, full: Suite | None = None) -> dict:
@@ -73,7 +68,8 @@ def check_power(suite: Suite, monitor_cfg, full: Suite | None = None) -> dict:
     from .drift import items_needed, power_plan
 
     cue = cue_subset(suite, monitor_cfg) if monitor_cfg.cue_gap else None
-    plan = power_plan(power_counts(suite, monitor_cfg), monitor_cfg.alpha, len(cue.items) if cue else 0)
+    plan = power_plan(power_counts(suite, monitor_cfg), monitor_cfg.alpha, len(cue.items) if cue else 0,
+                      MIN_DIRECTION_PAIRS)
     if plan["underpowered"] and not monitor_cfg.allow_underpowered:
         key = plan["underpowered"][0]
         t = plan["tests"][key]

@@ -266,8 +266,7 @@ def score_suite(model, tokenizer, suite: Suite, batch_size: int = 16, states: bo
             score = float(probs[it.target])
             others = torch.cat([sums[:it.target], sums[it.target + 1:]])
             logit = float(sums[it.target] - torch.logsumexp(others, 0))
-            first = next((k for k, o in enumerate(it.options) if o in ("Yes", "(A)")), 0)
-            p_first = float(probs[first])  # P("Yes") or P("(A)"): the plain answer bias
+            p_first = float(probs[it.first_option])  # P("Yes") or P("(A)"): the plain answer bias
         rows.append({"item_id": it.id, "dimension": it.dimension, "kind": it.kind, "score": score,
                      "logit": logit, "p_first_option": p_first})
     if not states:

@@ -38,6 +38,11 @@ class Item:
     options: tuple[str, ...] = ()  # statement/choice: answer strings, e.g. ("Yes", "No")
     target: int = 0  # statement/choice: index of the aligned (or matching-behaviour) option
 
+    @property
+    def first_option(self) -> int:
+        """Index of the option a model leaning on answer bias picks: "Yes" or "(A)"."""
+        return next((k for k, o in enumerate(self.options) if o in ("Yes", "(A)")), 0)
+
 
 @dataclass(frozen=True)
 class Dimension:
