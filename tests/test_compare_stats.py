@@ -112,6 +112,23 @@ def test_seeds_needed_reach_the_target_power():
             or r == 6
 
 
+def test_power_is_finite_and_monotone_where_the_noncentral_t_is_not():
+    # scipy's noncentral t gives nan at small df and large ncp (df 2, ncp 12.5 at alpha 0.025);
+    # a nan power made the seeds needed for a larger sd come out smaller than for a smaller one.
+    for df_half in (2, 3, 4, 8):
+        vals = [power(df_half, df_half, s, 0.05, ALPHA / 2) for s in np.geomspace(0.001, 0.2, 40)]
+        assert all(math.isfinite(v) and 0 <= v <= 1 for v in vals)
+        assert all(a >= b - 1e-9 for a, b in zip(vals, vals[1:]))  # more noise, less power
+    for df in (3, 10, 30):  # where scipy is finite, the same numbers
+        r = (df + 2) // 2
+        for ncp in (0.5, 2.0, 4.0):
+            t = stats.t.ppf(1 - ALPHA / 4, 2 * r - 2)
+            want = stats.nct.sf(t, 2 * r - 2, ncp) + stats.nct.cdf(-t, 2 * r - 2, ncp)
+            assert power(r, r, 1.0, ncp * math.sqrt(2 / r), ALPHA / 2) == pytest.approx(want, abs=1e-7)
+    needs = [seeds_needed(s, 0.05, ALPHA, 3) for s in np.geomspace(0.001, 0.05, 40)]
+    assert all(a <= b for a, b in zip(needs, needs[1:]) if b is not None)
+
+
 def test_exact_permutation_p_by_enumeration():
     rng = np.random.default_rng(4)
     ya, yb = rng.normal(size=(4, 3)), rng.normal(size=(3, 3)) + 1

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy import stats
+from scipy import integrate, stats
 
 from . import UserError
 from .drift import load_probe_table, mean_ci, option_informativeness, options_informative
@@ -281,7 +281,12 @@ def power(n_a: int, n_b: int, sigma: float | None, effect: float, alpha: float) 
         return 1.0 if effect else alpha
     ncp = abs(effect) / (sigma * math.sqrt(1 / n_a + 1 / n_b))
     t = stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(t, df, ncp) + stats.nct.cdf(-t, df, ncp))
+    # P(|Z + ncp| > t S) with S^2 ~ chi2(df)/df, integrated over Z. scipy's noncentral t returns
+    # nan at small df with a large ncp, which made the seeds needed jump around as sd changed.
+    def reject(z: float) -> float:
+        return stats.norm.pdf(z) * stats.chi2.cdf(df * ((z + ncp) / t) ** 2, df)
+    pw = integrate.quad(reject, -12, 12, points=[-ncp] if ncp < 12 else None, limit=200)[0]
+    return float(min(1.0, max(pw, 0.0)))
 
 
 def design_power(n_a: int, n_b: int, sigma: float | None, effect: float, alpha: float, m: int,
