@@ -3,7 +3,9 @@
 `probe_model` writes, under `out/`:
     probes/                      behavioural per-item scores (+ score_cued: the monitoring-cue variant)
     monitor/activations.json     projection shift, AUROC, rotation vs the frozen reference directions
-    monitor/directions.*         (reference only) difference-of-means directions, frozen from then on
+    monitor/directions.*         (reference only) difference-of-means directions, frozen from then on,
+                                 each marked causal or not by steering (monitor.steer)
+    monitor/steering.json        (reference only) the steering curves behind those marks
     monitor/samples.jsonl        free-form samples of held-out probe prompts (never training data)
     monitor/embedding.json       MMD^2 vs the reference's samples (reference: its reseed null)
     monitor/collapse.json        distinct-n, compression, dispersion, token entropy, held-out perplexity
@@ -13,6 +15,7 @@ reference folder holds, so the reference is frozen by construction. Reports read
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from . import UserError
 from .probes import activations as act
 from .probes import collapse, embedding
 from .probes.behavioural import score_suite
+from .probes.steering import steering_check
 from .probes.suites import Suite
 from .records import atomic_dir, read_json, write_json, write_jsonl
 from .sample import HFSampler, SamplingParams, packed_linears
@@ -162,9 +166,21 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
             if ref_dirs is None:
                 directions[d] = frozen
             results[d] = {"layer": int(frozen["layer"]), "auroc_heldout_ref": float(frozen["auroc_heldout"]),
-                          "heldout_pairs": frozen.get("heldout_pairs"),
+                          "heldout_pairs": frozen.get("heldout_pairs"), "causal": frozen.get("causal"),
                           **act.measure(frozen, pos, neg, [str(i) for i in ids[sel]])}
         if ref_dirs is None:
+            if monitor_cfg.steer and directions:
+                # one-off at the reference: is each direction causal for its own dimension?
+                t_steer = time.perf_counter()
+                curves = steering_check(model, tokenizer, suite, directions, list(monitor_cfg.steer_alphas),
+                                        {r["item_id"]: r["score"] for r in rows if r["kind"] == "contrast"},
+                                        monitor_cfg.min_effect, probes_cfg.batch_size)
+                for d, c in curves.items():
+                    directions[d].update(causal=c["causal"], steer_slope=c["slope"], steer_ci=c["ci"])
+                    results[d]["causal"] = c["causal"]
+                write_json(mon / "steering.json", curves)
+                counts["directions_causal"] = sum(c["causal"] for c in curves.values())
+                counts["steering_s"] = round(time.perf_counter() - t_steer, 3)
             act.save_directions(mon / "directions", directions)
             write_json(mon / "architecture.json", _architecture(model))
         write_json(mon / "activations.json", results)
