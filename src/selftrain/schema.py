@@ -236,8 +236,11 @@ class MonitorConfig:
                            "direction that does not move its dimension toward the misaligned pole is marked "
                            "not_causal and its activation results never alert (one-off cost, README).")
     steer_alphas: List[float] = _f(help="Steering strengths, in units of gen-0's misaligned-aligned gap along the "
-                                        "direction (alpha 0, the unsteered scores, is always added).",
-                                   factory=lambda: [-2.0, -1.0, 1.0, 2.0])
+                                        "direction (alpha 0, the unsteered scores, is always added). Each costs one "
+                                        "scoring pass over every dimension's contrast items; on the embedded model "
+                                        "the curves are close to linear, so two points of opposite sign fit the "
+                                        "slope (docs/screen.md).",
+                                   factory=lambda: [-2.0, 2.0])
     screen: str = _f("report", "The data screen, between data (or label) and guard: off; report (write gen-k/screen/); "
                                "drop (also remove rows past screen_row_threshold); gate (stop before training when a "
                                "dimension's mean projection difference is past screen_threshold).")

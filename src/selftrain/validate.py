@@ -280,6 +280,16 @@ def run(cfg, out: Path) -> dict:
         timings["reference_probe_s"] = round(_probe(Path(base), ref, None, suite, cfg, cfg.seed), 1)
         write_json(ref / "done.json", {"probe_s": timings["reference_probe_s"]})
         write_json(out / "timings.json", timings)
+    elif cfg.monitor.activations and cfg.monitor.steer and not (ref / "monitor" / "steering.json").is_file():
+        # a reference probed before the steering check existed: mark its directions now
+        from .monitor import mark_causal
+        tok = models.load_tokenizer(base, cfg.model.trust_remote_code)
+        model = models.load_model(base, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
+                                  cfg.model.device)
+        timings["reference_steering_s"] = mark_causal(model, tok, suite, cfg.monitor, cfg.batch_size, ref)["steering_s"]
+        write_json(out / "timings.json", timings)
+        del model
+        gc.collect()
     screener = Screener(base, ref, cfg) if cfg.monitor.activations and cfg.monitor.screen != "off" else None
     # the screen reads a child's data before it is trained; children probed before the screen
     # existed are screened too (their rows are drawn by seed, so they are the rows they trained on)
