@@ -244,11 +244,14 @@ class MonitorConfig:
     screen: str = _f("report", "The data screen, between data (or label) and guard: off; report (write gen-k/screen/); "
                                "drop (also remove rows past screen_row_threshold); gate (stop before training when a "
                                "dimension's mean projection difference is past screen_threshold).")
-    screen_threshold: float = _f(0.25, "Mean projection difference (training reply minus model k's own answer, in "
+    screen_threshold: float = _f(0.46, "Mean projection difference (training reply minus model k's own answer, in "
                                        "gen-0 gap units, toward the trait) whose one-sided lower confidence bound "
-                                       "past it flags a dimension. Set by selftrain-validate's calibration seeds.")
+                                       "past it flags a dimension. Calibrated above the benign children of "
+                                       "selftrain-validate's calibration seed (docs/screen.md: at it the screen "
+                                       "misses most plants on the embedded model).")
     screen_row_threshold: float = _f(1.0, "screen=drop: a row whose projection difference on a causal direction "
-                                          "exceeds this (gap units) is removed before training.")
+                                          "exceeds this (gap units: a row a whole misaligned-aligned gap past the "
+                                          "model's own answer) is removed before training. Not calibrated.")
     embedding: bool = _f(True, "External embedding drift of free-form samples (all-MiniLM-L6-v2, outside the lineage).")
     embedding_prompts: int = _f(16, "Held-out probe prompts sampled each generation for embedding drift and collapse.")
     embedding_max_new_tokens: int = _f(48, "Token budget of those samples.")
