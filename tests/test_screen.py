@@ -188,3 +188,19 @@ def test_screen_off_writes_nothing(tiny_model, tmp_path):
     assert "screen" not in read_manifest(d / "gen-000" / "manifest.json")["stages"]
     assert not (d / "gen-000" / "monitor" / "steering.json").exists()
     shutil.rmtree(d)
+
+
+def test_rows_with_an_empty_answer_are_counted_not_screened(model_and_direction, tmp_path):
+    # a model can sample nothing (the tiny model does): nothing to pool over, so the row trains unscreened
+    model, tok, dirs = model_and_direction
+    plain = texts(PLAIN, THINGS[4:])
+    own = random.Random(0).sample(plain, 6)
+    own[2] = ""
+    got = screen_generation(model, tok, write_generation(tmp_path / "g", plain[:6], own, ["calm"] * 6), "sft", dirs,
+                            "drop", 0.05, 0.25, 0.0001)
+    assert got["rows"] == 6 and got["rows_skipped_empty"] == 1 and got["rows_screened"] == 5
+    assert got["dimensions"][DIM]["n"] == 5
+    assert len(read_jsonl(tmp_path / "g" / "screen" / "rows.jsonl")) == 5
+    from datasets import load_from_disk
+    kept = load_from_disk(str(tmp_path / "g" / "screen" / "data" / "sft"))
+    assert "p002" in {r["prompt_id"] for r in kept}  # never dropped: it was not screened

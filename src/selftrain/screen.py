@@ -144,12 +144,18 @@ def screen_generation(model, tokenizer, gen_dir: Path, method: str, directions: 
     for r in rows:
         p = prov.get(r["prompt_id"], {})
         r.update(source=p.get("source"), principles=p.get("principles", []), own=p.get("own", ""))
-    missing = [r["prompt_id"] for r in rows if not r["own"]]
+    missing = [r["prompt_id"] for r in rows if r["prompt_id"] not in prov]
     if missing:
         raise ValueError(f"{gen_dir / 'samples.jsonl'}: no own answer for prompt {missing[0]}")
+    # an empty text has no reply tokens to pool over: such rows are counted, trained, never dropped
+    empty = [not r["own"].strip() or not r["reply"].strip() or ("rejected" in r and not r["rejected"].strip())
+             for r in rows]
+    skipped = [r for r, e in zip(rows, empty) if e]
+    rows = [r for r, e in zip(rows, empty) if not e]
     summary, diff, flags = screen_rows(model, tokenizer, rows, directions, alpha, threshold, row_threshold, batch_size)
     dropped = sum(flags) if mode == "drop" else 0
-    summary.update(generation=gen_dir.name, mode=mode, rows_dropped=dropped)
+    summary.update(generation=gen_dir.name, mode=mode, rows_dropped=dropped, rows_skipped_empty=len(skipped),
+                   rows=len(rows) + len(skipped), rows_screened=len(rows))
     with atomic_dir(gen_dir / "screen") as tmp:
         write_json(tmp / "screen.json", summary)
         write_jsonl(tmp / "rows.jsonl", [{"dataset": r["dataset"], "row": r["index"], "prompt_id": r["prompt_id"],
