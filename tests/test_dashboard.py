@@ -113,12 +113,17 @@ def test_dropped_rows_say_why_and_screen_flags_are_marked(run2, tmp_path):
     write_jsonl(g / "screen" / "rows.jsonl", [{"row": 2, "flagged": True, "dimension": "corrigibility",
                                               "projection_difference": 0.4},
                                              {"row": 5, "flagged": False}])
+    g1 = read_jsonl(run / "gen-001" / "critiques.jsonl")
+    (run / "gen-001" / "screen").mkdir()
+    write_jsonl(run / "gen-001" / "screen" / "rows.jsonl", [{"row": 0, "prompt_id": g1[6]["prompt_id"], "flagged": True}])
     text, p = page_of(run)
     shown = transcripts(p, "gen-000")
     assert shown[3]["data-status"] == "dropped" and "dropped: empty" in text
+    assert [r["data-flagged"] for r in transcripts(p, "gen-001")] == ["1" if i == 6 else "0" for i in range(len(g1))]
     assert [r["data-flagged"] for r in shown] == ["1" if i == 2 else "0" for i in range(len(recs))]
     assert "1 flagged by the screen" in p.all_text() and "projection_difference" in text
-    assert all(r["data-flagged"] == "0" for r in transcripts(p, "gen-001"))  # no screen there: nothing marked
+    (run / "gen-001" / "screen" / "rows.jsonl").unlink()
+    assert all(r["data-flagged"] == "0" for r in transcripts(page_of(run)[1], "gen-001"))  # no screen: nothing marked
 
 
 def test_thousands_of_transcripts_are_sampled_and_the_page_says_so(run2, tmp_path):

@@ -76,6 +76,10 @@ def test_tensorboard_gets_every_generation_and_the_training_logs(tiny_model, tmp
     acc = ea.EventAccumulator(str(d / "tensorboard"), size_guidance={ea.SCALARS: 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("score/corrigibility")] == [0, 1]
+    # where metrics go is not the experiment: a resume may name another tracker (or none)
+    assert run(compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={SUITE}",
+                                         "probes.max_items_per_dimension=null", "data.max_top_trigram_share=1.0",
+                                         "generations=1"]), d)["status"] == "done"
 
 
 def test_a_sweep_shares_one_trackio_project_and_each_run_holds_its_training(tiny_model, tmp_path):

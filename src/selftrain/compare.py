@@ -6,7 +6,7 @@ and gen-*/data/sft; never a model. Runs are grouped into arms by the constitutio
 trained on (manifest `constitution.name`) and into seeds by `seeds.seed`.
 
 Fair by construction: runs must share base model, probe suite and number of generations, and
-their resolved configs may differ only in `constitution.*` (plus `seed` and `run_name`), unless
+their resolved configs may differ only in `constitution.*` (plus `seed`, `run_name` and `report_to`), unless
 the user names other keys with `allow`; every arm must have the same seeds, and every arm must
 show the same few-shot prompts and first answers (`allow` name: `fewshot_prompts`). Anything
 else is refused with one line. The fairness table shows what the arms still differ in: the
@@ -67,7 +67,8 @@ from .report import collapse_grid, collapse_panels
 from .resume import STAGES
 
 FINISHED = ("done", "gated")
-ALWAYS_ALLOWED = ("constitution", "seed", "run_name")  # what an arm and a seed are
+# what an arm and a seed are, and where a run's metrics were also sent (never what it computed)
+ALWAYS_ALLOWED = ("constitution", "seed", "run_name", "report_to")
 FEWSHOT_ALLOW = "fewshot_prompts"  # the --allow name for arms whose few-shot prompts differ
 ARM_ORDER = ("values", "rules", "general", "control")  # known arms first; others alphabetically
 ITEMS = ("informative", "all", "contrast", "options")
@@ -930,7 +931,7 @@ def render_markdown(c: dict) -> str:
           f"Base model: `{dz['base_model']}`. Final generation: gen-{G:03d}. "
           f"Probe suite: {(dz['probe_suite'] or {}).get('name')} "
           f"(sha256 {str((dz['probe_suite'] or {}).get('sha256'))[:12]}).",
-          "", "Every run's resolved config is identical except `constitution.*`, `seed` and `run_name`"
+          "", "Every run's resolved config is identical except `constitution.*`, `seed`, `run_name` and `report_to`"
           + (f"; differences allowed on purpose: {', '.join(f'`{k}`' for k in dz['allowed_differences'])}"
              if dz["allowed_differences"] else "") + ".", "",
           f"Dimensions named by the rules: {', '.join(named) or '–'}.  ",

@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 
 from . import plots
+from .data import verdict
 from .pages import fmt, page
 from .records import MANIFEST, read_json, write_text
 from .resume import STAGES
@@ -110,13 +111,18 @@ def kept_ids(gen: Path) -> set[str] | None:
 
 def transcripts(gen: Path, data_cfg: dict, limit: int) -> dict:
     """A seeded sample of gen/critiques.jsonl (flagged rows first), each with its data verdict."""
-    from .data import verdict
-
     path = gen / "critiques.jsonl"
-    with open(path, "rb") as f:
-        total = sum(1 for line in f if line.strip())
     flags = screen_flags(gen)
-    flagged_rows = sorted(k[1] for k in flags if k[0] == "row" and isinstance(k[1], int) and 0 <= k[1] < total)
+    by_id = {k[1] for k in flags if k[0] == "id"}
+    flagged_rows, total = [], 0
+    # One pass to count the rows; lines are parsed only when a screen names rows by prompt id.
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if ("row", total) in flags or (by_id and str(json.loads(line).get("prompt_id")) in by_id):
+                flagged_rows.append(total)
+            total += 1
     first = set(flagged_rows)
     rest = [i for i in range(total) if i not in first]
     take = flagged_rows[:limit]
@@ -130,22 +136,22 @@ def transcripts(gen: Path, data_cfg: dict, limit: int) -> dict:
             if not line.strip():
                 continue
             if i in wanted:
-                rows.append(_row(i, json.loads(line), kept, flags, data_cfg, verdict))
+                rows.append(_row(i, json.loads(line), kept, flags, data_cfg))
             i += 1
-    id_flags = sum(k[0] == "id" for k in flags)
-    return {"total": total, "shown": len(rows), "flagged": len(flagged_rows) + id_flags,
+    return {"total": total, "shown": len(rows), "flagged": len(flagged_rows),
             "screen": bool(flags) or (gen / "screen" / "rows.jsonl").is_file(), "rows": rows}
 
 
-def _row(i: int, rec: dict, kept: set[str] | None, flags: dict, data_cfg: dict, verdict) -> dict:
+def _row(i: int, rec: dict, kept: set[str] | None, flags: dict, data_cfg: dict) -> dict:
     pid = str(rec.get("prompt_id", ""))
     initial, final = str(rec.get("response", "")), str(rec.get("final", ""))
-    why = verdict(initial, final, data_cfg.get("min_words", 3), data_cfg.get("max_top_trigram_share", 0.3))
     if kept is None:
         status, reason = "pending", "the data stage has not run"
     elif pid in kept:
         status, reason = "kept", "trained on"
-    else:
+    else:  # the data stage's own filter, with the run's settings, says why
+        why = (verdict(initial, final, data_cfg["min_words"], data_cfg["max_top_trigram_share"])
+               if {"min_words", "max_top_trigram_share"} <= set(data_cfg) else "kept")
         status, reason = "dropped", why if why != "kept" else "not in data/sft"
     flag = flags.get(("id", pid)) or flags.get(("row", i))
     return {"row": i, "prompt_id": pid, "source": str(rec.get("source", "")), "category": str(rec.get("category", "")),

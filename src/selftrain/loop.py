@@ -47,8 +47,9 @@ from .train_worker import launch
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "guard")
 # Run-control keys: they change how a command treats an existing folder, not the experiment,
-# so they may differ between the run that started a folder and the one that resumes it.
-RUN_CONTROL = ("resume", "force_stage")
+# so they may differ between the run that started a folder and the one that resumes it
+# (report_to only says where metrics are also sent: a tracker may be named on resume).
+RUN_CONTROL = ("resume", "force_stage", "report_to")
 
 
 class Generation:

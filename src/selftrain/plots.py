@@ -292,7 +292,7 @@ def step_lines(panels: list[dict], *, xlabel: str = "training step") -> str:
             vals = [v for s in p["series"].values() for v in s if _finite(v)] + [0.0]
             ax.set_ylim(*(p.get("ylim") or span(min(vals), max(vals) * 1.1, 0.1)))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
-            ax.set_title(short(p["title"]), loc="left")
+            ax.set_title("\n".join(short(line) for line in str(p["title"]).split("\n")), loc="left")
             ax.set_xlabel(xlabel)
             if len(p["series"]) > 1:
                 ax.legend(frameon=False, loc="best")

@@ -698,8 +698,9 @@ def training_html(training: list[dict]) -> str:
                                         title=f"{t['from']} AI-feedback label margins"))
         if d:
             figs.append(plots.step_lines([
-                {"title": f"{t['from']} → {t['to']} DPO reward margin", "series": {"reward margin": d["reward_margins"]}},
-                {"title": "DPO reward accuracy", "series": {"reward accuracy": d["reward_accuracies"]},
+                {"title": f"{t['from']} → {t['to']} DPO ({t['method']})\nreward margin",
+                 "series": {"reward margin": d["reward_margins"]}},
+                {"title": "\nreward accuracy", "series": {"reward accuracy": d["reward_accuracies"]},
                  "ylim": (0.0, 1.05)}]))
         body += figs
     return "".join(body)
