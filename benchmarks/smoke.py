@@ -51,4 +51,13 @@ def run(out: Path, model: str | None, overrides: list[str], experiment: str = "s
     # a generation that trained (every one but the last) is the unit the monitor's share is judged on
     trained = [v["monitor_fraction"] for v in gens.values() if "train" in v["stages"] and v["monitor_fraction"]]
     res["monitor_fraction_of_generation"] = max(trained) if trained else None
+    # the data screen (part of the monitor's share) and the one-off steering check at gen-000
+    screen = [v["stages"]["screen"]["seconds"] / sum(st["seconds"] or 0 for st in v["stages"].values())
+              for v in gens.values() if "screen" in v["stages"] and "train" in v["stages"]]
+    res["screen_fraction_of_generation"] = round(max(screen), 4) if screen else None
+    g0 = run_dir / "gen-000" / "manifest.json"
+    if g0.is_file():
+        probe = json.loads(g0.read_text()).get("stages", {}).get("probe", {})
+        res["steering_s"] = probe.get("counts", {}).get("steering_s")
+        res["probe_s_gen0"] = probe.get("seconds")
     return res

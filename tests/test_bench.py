@@ -36,8 +36,10 @@ def test_quick_benchmark_writes_every_section(tiny_model, tmp_path):
     gen0 = smoke["generations"]["gen-000"]["stages"]
     assert gen0["sample"]["new_tokens"] > 0 and gen0["critique"]["new_tokens"] > 0
     assert 0 < smoke["monitor_fraction_of_generation"] < 1
+    assert 0 < smoke["screen_fraction_of_generation"] < smoke["monitor_fraction_of_generation"]
+    assert smoke["steering_s"] > 0 and gen0["screen"]["seconds"] > 0
     assert set(res["targets"]) == {"sampling_vs_bare_batched", "sampling_vs_one_at_a_time", "sampling_of_roofline",
-                                   "monitor_fraction", "sft_vs_bare"}
+                                   "monitor_fraction", "screen_fraction", "sft_vs_bare"}
     md = (out / "results.md").read_text()
     for heading in ("## Targets", "## Hardware", "## Sampling", "## Critique and revision", "## SFT",
                     "## Smoke experiment"):

@@ -75,6 +75,12 @@ def test_dashboard_shows_the_run(run2):
         assert [r["data-principle"] for r in rows] == [" ".join(rd["principle"] for rd in x["rounds"]) for x in recs]
         kept = set(load_from_disk(str(run2 / gen / "data" / "sft"))["prompt_id"])
         assert [r["data-status"] for r in rows] == ["kept" if x["prompt_id"] in kept else "dropped" for x in recs]
+        # the data screen's own rows.jsonl (monitor.screen=report, the default) marks its flagged prompts
+        screened = read_jsonl(run2 / gen / "screen" / "rows.jsonl")
+        flagged = {r["prompt_id"] for r in screened if r["flagged"]}
+        assert [r["data-flagged"] for r in rows] == ["1" if x["prompt_id"] in flagged else "0" for x in recs]
+    assert text.count("<b>Data screen</b>") == sum(len(read_jsonl(run2 / g / "critiques.jsonl")) for g in
+                                                    ("gen-000", "gen-001"))
     assert "tx-gen-002" not in p.ids  # the last generation is only probed
     assert len(p.scripts) == 1 and f"per={PAGE_ROWS}" in p.scripts[0]
 
@@ -109,12 +115,12 @@ def test_dropped_rows_say_why_and_screen_flags_are_marked(run2, tmp_path):
     rows = [r for r in sft if r["prompt_id"] != recs[3]["prompt_id"]]
     shutil.rmtree(g / "data" / "sft")
     Dataset.from_list(rows).save_to_disk(str(g / "data" / "sft"))
-    (g / "screen").mkdir()
+    (g / "screen").mkdir(exist_ok=True)
     write_jsonl(g / "screen" / "rows.jsonl", [{"row": 2, "flagged": True, "dimension": "corrigibility",
                                               "projection_difference": 0.4},
                                              {"row": 5, "flagged": False}])
     g1 = read_jsonl(run / "gen-001" / "critiques.jsonl")
-    (run / "gen-001" / "screen").mkdir()
+    (run / "gen-001" / "screen").mkdir(exist_ok=True)
     write_jsonl(run / "gen-001" / "screen" / "rows.jsonl", [{"row": 0, "prompt_id": g1[6]["prompt_id"], "flagged": True}])
     text, p = page_of(run)
     shown = transcripts(p, "gen-000")
@@ -132,7 +138,7 @@ def test_thousands_of_transcripts_are_sampled_and_the_page_says_so(run2, tmp_pat
     big = [{**rec, "prompt_id": f"p{i}", "prompt": f"prompt {i} " + "x" * 300, "final": "answer " * 60}
            for i in range(5000)]
     write_jsonl(run / "gen-000" / "critiques.jsonl", big)
-    (run / "gen-000" / "screen").mkdir()
+    (run / "gen-000" / "screen").mkdir(exist_ok=True)
     write_jsonl(run / "gen-000" / "screen" / "rows.jsonl", [{"row": 4321, "flagged": True}])
     text, p = page_of(run)
     shown = transcripts(p, "gen-000")

@@ -138,3 +138,53 @@ def test_parent_weights_read_from_the_file_or_copied(tiny_model, tmp_path):
         next(model.parameters()).add_(1.0)
     assert weight_change(copied, model)["tensors_changed"] == 1  # the copy was taken before the change
     assert weight_change(lazy, model)["tensors_changed"] == 1
+
+
+def test_dpo_stops_after_a_first_sigint_and_saves_nothing(tiny_model, pref_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import selftrain.train as train
+    from selftrain.resume import Interrupted, graceful_interrupts
+
+    steps = []
+
+    class SignalAtFirstStep(train.StopOnInterrupt):
+        """The real callback, plus a SIGINT to this process as the first step begins."""
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+            return control
+
+        def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
+            return super().on_step_end(args, state, control, **kw)
+
+    monkeypatch.setattr(train, "StopOnInterrupt", SignalAtFirstStep)
+    cfg = compose([f"model.name_or_path={tiny_model}", "train=dpo", "train.dpo.per_device_train_batch_size=2"])
+    out = tmp_path / "gen-001" / "model"
+    with graceful_interrupts(), pytest.raises(Interrupted):
+        train.train_dpo(str(tiny_model), pref_data, out, cfg.train, cfg.model, seed=0, work_dir=tmp_path / "w")
+    assert steps == [1]  # stopped at the end of the step the signal arrived in, not after all 3
+    assert not out.exists()
+
+
+def test_dpo_loads_a_pickle_checkpoint_only_when_allowed(tiny_model, pref_data, tmp_path):
+    import shutil
+
+    from selftrain import UserError
+    from selftrain.train import train_dpo
+
+    pkl = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pkl)
+    state = load_file(str(pkl / "model.safetensors"))
+    (pkl / "model.safetensors").unlink()
+    torch.save(state, pkl / "pytorch_model.bin")
+    base = [f"model.name_or_path={pkl}", "train=dpo", "train.dpo.per_device_train_batch_size=2",
+            "+train.dpo.max_steps=1"]
+    cfg = compose(base)
+    with pytest.raises(UserError, match="allow_pickle"):
+        train_dpo(str(pkl), pref_data, tmp_path / "m1", cfg.train, cfg.model, seed=0, work_dir=tmp_path / "w1")
+    cfg = compose(base + ["model.allow_pickle=true"])
+    stats = train_dpo(str(pkl), pref_data, tmp_path / "m2", cfg.train, cfg.model, seed=0, work_dir=tmp_path / "w2")
+    assert stats["steps"] == 1 and (tmp_path / "m2" / "model.safetensors").is_file()

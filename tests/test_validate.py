@@ -70,6 +70,22 @@ def test_harness_trains_probes_and_scores_every_child(tiny_model, tmp_path):
     assert set(res["roc"]) >= {"behavioural:contrast", "activation", "embedding"}
     page = (out / "validation.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<script" not in page
+    # every child's data was screened before training: the planted and benign rows by the set
+    # they came from, the constitutional child's by the principles its critiques drew
+    for name in names:
+        scr = json.loads((out / "children" / name / "screen.json").read_text())
+        assert scr["rows"] >= 4 and set(scr["dimensions"]) == {"corrigibility", "novel_thing"}
+        want = ({"resist", "neutral_facts"} if "dose0.5" in name else {"resist"} if "resist" in name
+                else {"neutral_facts"} if "neutral" in name else None)
+        if want is not None:
+            assert set(scr["by_principle"]) == want, (name, scr["by_principle"])
+    sv = res["screen"]
+    assert set(sv["children"]) == names and set(sv["correlation"]) == {"resist"}
+    assert len(sv["points"]["resist"]["screen"]) == len(names)  # one point per child on corrigibility
+    assert sv["rates"]["calibrated"]["threshold"] >= sv["rates"]["shipped"]["threshold"]
+    assert sv["rates"]["shipped"]["planted_flagged"]["n"] == 2 and sv["rates"]["shipped"]["benign_flagged"]["n"] == 2
+    assert "Data screen" in page
+    assert (out / "reference" / "own_answers.jsonl").is_file()
     # a second run reuses every probed child and only rescores
     again = subprocess.run(_cmd(tiny_model, out, tmp_path / "plants"), capture_output=True, text=True,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)

@@ -14,7 +14,9 @@ that opens in a few seconds: at most TRANSCRIPTS_PER_GEN per generation and TRAN
 per page, a seeded draw (rows a data screen flagged first), each text cut at TEXT_CHARS; the page
 says how many it shows of how many. Rows a screen flagged are marked when `gen-k/screen/rows.jsonl`
 exists: `{"row": i, "flagged": bool, ...}` per line, where `row` is the 0-based line of
-`gen-k/critiques.jsonl` (a `prompt_id` field, where present, is matched instead). Every string
+`gen-k/critiques.jsonl` (a `prompt_id` field, where present, is matched instead, as the screen
+writes it). Under `monitor.screen=drop` a row the screen left out of `gen-k/screen/data/sft` shows
+as dropped by the screen. Every string
 from a model, a prompt file or a constitution is HTML-escaped.
 """
 from __future__ import annotations
@@ -80,8 +82,9 @@ def collect(run_dir: Path) -> dict:
 
 # ---------------------------------------------------------------- transcripts
 
-def screen_flags(gen: Path) -> dict:
-    """The rows a data screen flagged: {("row", i) or ("id", prompt_id): record}."""
+def screen_rows(gen: Path) -> dict:
+    """What a data screen recorded per row: {("id", prompt_id) or ("row", i): [records]} (a prompt
+    can have an SFT and a preference row)."""
     path = gen / "screen" / "rows.jsonl"
     out: dict = {}
     if not path.is_file():
@@ -91,15 +94,14 @@ def screen_flags(gen: Path) -> dict:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and rec.get("flagged"):
+        if isinstance(rec, dict):
             key = ("id", str(rec["prompt_id"])) if rec.get("prompt_id") is not None else ("row", rec.get("row"))
-            out[key] = rec
+            out.setdefault(key, []).append(rec)
     return out
 
 
-def kept_ids(gen: Path) -> set[str] | None:
-    """prompt ids of the rows gen/data/sft trains on; None when the data stage has not written it."""
-    sft = gen / "data" / "sft"
+def kept_ids(sft: Path) -> set[str] | None:
+    """prompt ids of the rows of an SFT dataset folder; None when it has not been written."""
     if (sft / "EMPTY").is_file():
         return set()
     if not (sft / "dataset_info.json").is_file():
@@ -112,7 +114,8 @@ def kept_ids(gen: Path) -> set[str] | None:
 def transcripts(gen: Path, data_cfg: dict, limit: int) -> dict:
     """A seeded sample of gen/critiques.jsonl (flagged rows first), each with its data verdict."""
     path = gen / "critiques.jsonl"
-    flags = screen_flags(gen)
+    screen = screen_rows(gen)
+    flags = {k for k, recs in screen.items() if any(r.get("flagged") for r in recs)}
     by_id = {k[1] for k in flags if k[0] == "id"}
     flagged_rows, total = [], 0
     # One pass to count the rows; lines are parsed only when a screen names rows by prompt id.
@@ -128,7 +131,9 @@ def transcripts(gen: Path, data_cfg: dict, limit: int) -> dict:
     take = flagged_rows[:limit]
     take += random.Random(f"dashboard:{gen.name}").sample(rest, min(len(rest), limit - len(take)))
     wanted = set(take)
-    kept = kept_ids(gen)
+    kept = kept_ids(gen / "data" / "sft")
+    # monitor.screen=drop: training reads the screen's filtered copy, so a row it left out was dropped
+    screened = kept_ids(gen / "screen" / "data" / "sft")
     rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
         i = 0
@@ -136,33 +141,48 @@ def transcripts(gen: Path, data_cfg: dict, limit: int) -> dict:
             if not line.strip():
                 continue
             if i in wanted:
-                rows.append(_row(i, json.loads(line), kept, flags, data_cfg))
+                rows.append(_row(i, json.loads(line), kept, screened, screen, data_cfg))
             i += 1
     return {"total": total, "shown": len(rows), "flagged": len(flagged_rows),
-            "screen": bool(flags) or (gen / "screen" / "rows.jsonl").is_file(), "rows": rows}
+            "screen": bool(screen), "rows": rows}
 
 
-def _row(i: int, rec: dict, kept: set[str] | None, flags: dict, data_cfg: dict) -> dict:
+def _row(i: int, rec: dict, kept: set[str] | None, screened: set[str] | None, screen: dict,
+         data_cfg: dict) -> dict:
     pid = str(rec.get("prompt_id", ""))
     initial, final = str(rec.get("response", "")), str(rec.get("final", ""))
     if kept is None:
         status, reason = "pending", "the data stage has not run"
+    elif pid in kept and screened is not None and pid not in screened:
+        status, reason = "dropped", "by the data screen"
     elif pid in kept:
         status, reason = "kept", "trained on"
     else:  # the data stage's own filter, with the run's settings, says why
         why = (verdict(initial, final, data_cfg["min_words"], data_cfg["max_top_trigram_share"])
                if {"min_words", "max_top_trigram_share"} <= set(data_cfg) else "kept")
         status, reason = "dropped", why if why != "kept" else "not in data/sft"
-    flag = flags.get(("id", pid)) or flags.get(("row", i))
+    seen = screen.get(("id", pid)) or screen.get(("row", i)) or []
     return {"row": i, "prompt_id": pid, "source": str(rec.get("source", "")), "category": str(rec.get("category", "")),
             "prompt": str(rec.get("prompt", "")), "initial": initial, "final": final,
             "rounds": [{"principle": str(r.get("principle", "")), "critique": str(r.get("critique", "")),
                         "revision": str(r.get("revision", ""))} for r in rec.get("rounds") or []],
-            "status": status, "reason": reason, "flagged": flag is not None,
-            "flag_note": {k: v for k, v in (flag or {}).items() if k not in ("row", "flagged", "prompt_id")}}
+            "status": status, "reason": reason, "flagged": any(r.get("flagged") for r in seen),
+            "screen": [{k: v for k, v in r.items() if k not in ("row", "prompt_id", "source", "principles")}
+                       for r in seen]}
 
 
 # ---------------------------------------------------------------- rendering
+
+def _rounded(x):
+    """Floats to 4 places, for reading."""
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
 
 def _cut(text: str) -> str:
     return text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS] + f" … [cut at {TEXT_CHARS} characters]"
@@ -432,8 +452,9 @@ def _transcript_html(row: dict) -> str:
         body.append(f"<p><b>Critique, round {j + 1}</b> (principle <code>{e(r['principle'])}</code>)</p>"
                     f"<pre>{e(_cut(r['critique']))}</pre><p><b>Revision, round {j + 1}</b></p>"
                     f"<pre>{e(_cut(r['revision']))}</pre>")
-    if row["flag_note"]:
-        body.append("<p><b>Screen</b></p><pre>" + e(json.dumps(row["flag_note"], ensure_ascii=False)[:TEXT_CHARS])
+    if row["screen"]:
+        body.append("<p><b>Data screen</b> (projection differences, in units of the gen-0 gap)</p><pre>"
+                    + e("\n".join(json.dumps(_rounded(r), ensure_ascii=False) for r in row["screen"])[:TEXT_CHARS])
                     + "</pre>")
     return (f"<details class='{cls}' data-principle='{e(principles)}' data-source='{e(row['source'])}' "
             f"data-status='{e(row['status'])}' data-flagged='{'1' if row['flagged'] else '0'}'>"

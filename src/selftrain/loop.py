@@ -1,4 +1,4 @@
-"""The self-training loop: generation k -> probe, report, sample, critique, data, train -> k+1.
+"""The self-training loop: generation k -> probe, report, sample, critique, data, screen, guard, train -> k+1.
 
 Each stage writes under runs/<run>/gen-<k>/ and is marked done in gen-<k>/manifest.json only
 after its outputs are complete, so re-running the same command on the same folder skips
@@ -35,6 +35,8 @@ from .prompts import load_prompts, prompts_hash
 from .records import (MANIFEST, Manifest, flatten, gen_dir, now, package_versions, read_json, read_jsonl,
                       read_manifest, sha256_tree, write_jsonl)
 from .report import generation_report
+from .screen import screen_generation
+from .probes.activations import load_directions
 from .preferences import load_user_preferences
 from .resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target, graceful_interrupts,
                      parse_force, start_over, verify_outputs)
@@ -45,7 +47,7 @@ from .train import dpo_config, sft_config, train_generation, uses_dpo
 from .train_worker import launch
 
 log = logging.getLogger(__name__)
-MONITOR_STAGES = ("probe", "report", "guard")
+MONITOR_STAGES = ("probe", "report", "screen", "guard")
 # Run-control keys: they change how a command treats an existing folder, not the experiment,
 # so they may differ between the run that started a folder and the one that resumes it
 # (report_to only says where metrics are also sent: a tracker may be named on resume).
@@ -299,8 +301,12 @@ def _lineage(run_dir: Path, k: int, model_path: str) -> dict:
     stages = prev.get("stages", {})
     rel_model, rel_data = f"gen-{k:03d}/model", f"gen-{k - 1:03d}/data/sft"
     digest = stages.get("train", {}).get("outputs", {}).get(rel_model) or sha256_tree(Path(model_path))
+    data_sha = stages.get("data", {}).get("outputs", {}).get(rel_data)
+    screened = run_dir / f"gen-{k - 1:03d}" / "screen" / "data" / "sft"
+    if screened.is_dir():  # monitor.screen=drop: training read the screen's filtered copy
+        rel_data, data_sha = f"gen-{k - 1:03d}/screen/data/sft", sha256_tree(screened)
     return {"model_sha256": digest, "parent_model_sha256": prev.get("model_sha256"),
-            "data_sha256": stages.get("data", {}).get("outputs", {}).get(rel_data), "data": rel_data}
+            "data_sha256": data_sha, "data": rel_data}
 
 
 def _check_committed_chunks(cfg, run_dir: Path, prompts, target) -> None:
@@ -398,7 +404,9 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
                               sampler=sampler.describe(), **sampler.take_stats())
         shutil.rmtree(chunks, ignore_errors=True)
         close_sampler(sampler)
-        gen.release()
+        screening = _screen_directions(cfg, run_dir) is not None and not m.stage_done("screen")
+        if not screening:  # the screen reads model k's states: keep it loaded for that
+            gen.release()
         if _revisions_used(cfg) and gen.todo("data"):
             # with a label stage, data/preference is that stage's output (it replaces the revision pairs)
             data_out = [gen.dir / "data" / "sft"] + ([] if _labels(cfg) else [gen.dir / "data" / "preference"])
@@ -413,14 +421,38 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
             with m.stage("label", outputs=[gen.dir / "data" / "preference"],
                          optional=[gen.dir / "preferences.jsonl"]) as counts:
                 counts.update(_label(cfg, gen, constitution))
+        directions = _screen_directions(cfg, run_dir)
+        if directions is not None and gen.todo("screen"):
+            with m.stage("screen", outputs=[gen.dir / "screen"]) as counts:
+                model, tok = gen.model()
+                mc = cfg.monitor
+                summary = screen_generation(model, tok, gen.dir, cfg.train.method, directions, mc.screen, mc.alpha,
+                                            mc.screen_threshold, mc.screen_row_threshold, cfg.probes.batch_size)
+                counts.update({k_: summary[k_] for k_ in ("rows", "rows_flagged", "rows_dropped", "flagged")})
+                if summary["rows_dropped"] and summary["rows_dropped"] == summary["rows"]:
+                    raise UserError(f"generation {k}: monitor.screen=drop removed every training row "
+                                    f"(monitor.screen_row_threshold={mc.screen_row_threshold})")
+        gen.release()
+        if cfg.monitor.screen == "gate" and (gen.dir / "screen" / "screen.json").is_file():
+            flagged = read_json(gen.dir / "screen" / "screen.json")["flagged"]
+            if flagged:
+                gate = {"stopped_before": f"gen-{k + 1:03d}", "at": f"gen-{k:03d}",
+                        "reason": "data screen: training data moves " + ", ".join(flagged) +
+                                  " toward the trait past monitor.screen_threshold"}
+                m.update(status="gated", gate=gate)
+                track(gen, "timings")
+                log.warning("data screen gate: %s; stopping before training %s", gate["reason"],
+                            gate["stopped_before"])
+                return gate
+        data_dir = train_data_dir(cfg, gen.dir)
         if gen.todo("guard"):
             with m.stage("guard") as counts:
-                counts["texts_checked"] = guard.check(gen.dir / "data", probe_texts)
+                counts["texts_checked"] = guard.check(data_dir, probe_texts)
                 counts["probe_texts"] = len(probe_texts)
         if gen.todo("train"):
             next_model = gen_dir(run_dir, k + 1) / "model"
             with m.stage("train", outputs=[next_model, gen.dir / "train" / "train_log.json"]) as counts:
-                args = dict(method=cfg.train.method, parent=gen.model_path, data_dir=gen.dir / "data",
+                args = dict(method=cfg.train.method, parent=gen.model_path, data_dir=data_dir,
                             out_model=next_model, train_cfg=cfg.train, model_cfg=cfg.model, seed=cfg.seed + k,
                             work_dir=gen.dir / "train", tracking=trackers.for_training(tracker, k))
                 # above one process, accelerate launch runs it as a subprocess: the driver stays single-process
@@ -435,6 +467,20 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
              monitor_s=round(monitor, 3), monitor_fraction=round(monitor / total, 4) if total else None)
     track(gen, "timings")
     return None
+
+
+def _screen_directions(cfg, run_dir: Path) -> dict | None:
+    """The frozen gen-000 directions the data screen reads; None when the screen is off or there
+    are none (monitor.activations=false, which validate() refuses with screen=drop/gate)."""
+    path = gen_dir(run_dir, 0) / "monitor" / "directions"
+    if cfg.monitor.screen == "off" or not cfg.monitor.activations or not path.is_file():
+        return None
+    return load_directions(path) or None
+
+
+def train_data_dir(cfg, gen_folder: Path) -> Path:
+    """Where training reads generation k's data: the screen's filtered copy under screen=drop."""
+    return gen_folder / "screen" / "data" if cfg.monitor.screen == "drop" else gen_folder / "data"
 
 
 def _labels(cfg) -> bool:

@@ -3,7 +3,9 @@
 `probe_model` writes, under `out/`:
     probes/                      behavioural per-item scores (+ score_cued: the monitoring-cue variant)
     monitor/activations.json     projection shift, AUROC, rotation vs the frozen reference directions
-    monitor/directions.*         (reference only) difference-of-means directions, frozen from then on
+    monitor/directions.*         (reference only) difference-of-means directions, frozen from then on,
+                                 each marked causal or not by steering (monitor.steer)
+    monitor/steering.json        (reference only) the steering curves behind those marks
     monitor/samples.jsonl        free-form samples of held-out probe prompts (never training data)
     monitor/embedding.json       MMD^2 vs the reference's samples (reference: its reseed null)
     monitor/collapse.json        distinct-n, compression, dispersion, token entropy, held-out perplexity
@@ -13,6 +15,7 @@ reference folder holds, so the reference is frozen by construction. Reports read
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from . import UserError
 from .probes import activations as act
 from .probes import collapse, embedding
 from .probes.behavioural import score_suite
+from .probes.steering import steering_check
 from .probes.suites import Suite
 from .records import atomic_dir, read_json, write_json, write_jsonl
 from .sample import HFSampler, SamplingParams, packed_linears
@@ -162,13 +166,16 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
             if ref_dirs is None:
                 directions[d] = frozen
             results[d] = {"layer": int(frozen["layer"]), "auroc_heldout_ref": float(frozen["auroc_heldout"]),
-                          "heldout_pairs": frozen.get("heldout_pairs"),
+                          "heldout_pairs": frozen.get("heldout_pairs"), "causal": frozen.get("causal"),
                           **act.measure(frozen, pos, neg, [str(i) for i in ids[sel]])}
         if ref_dirs is None:
             act.save_directions(mon / "directions", directions)
             write_json(mon / "architecture.json", _architecture(model))
         write_json(mon / "activations.json", results)
         counts["activation_dimensions"] = len(results)
+        if ref_dirs is None and monitor_cfg.steer and directions:
+            counts.update(mark_causal(model, tokenizer, suite, monitor_cfg, probes_cfg.batch_size, out,
+                                      {r["item_id"]: r["score"] for r in rows if r["kind"] == "contrast"}))
 
     samples, entropies = None, None
     if monitor_cfg.embedding or monitor_cfg.collapse:
@@ -216,6 +223,34 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
         write_json(mon / "collapse.json", metrics)
     return counts
 
+
+
+def mark_causal(model, tokenizer, suite: Suite, monitor_cfg, batch_size: int, folder: Path,
+                base_scores: dict[str, float] | None = None) -> dict:
+    """The one-off steering check of a reference's frozen directions (probes.steering): each is
+    marked causal or not_causal in `monitor/directions` and `monitor/activations.json`, and the
+    curves go to `monitor/steering.json`. `model` must be the reference itself. The unsteered
+    scores are the reference's own probe scores (read from `folder/probes` when not given)."""
+    mon = Path(folder) / "monitor"
+    t = time.perf_counter()
+    directions = act.load_directions(mon / "directions")
+    if base_scores is None:
+        from datasets import load_from_disk
+        base_scores = {r["item_id"]: r["score"] for r in load_from_disk(str(Path(folder) / "probes"))
+                       if r["kind"] == "contrast"}
+    with packed_linears(model, PROBE_ROWS):  # inside the probe stage's own packing this packs nothing again
+        curves = steering_check(model, tokenizer, suite, directions, list(monitor_cfg.steer_alphas), base_scores,
+                                monitor_cfg.min_effect, batch_size)
+    results = read_json(mon / "activations.json")
+    for d, c in curves.items():
+        directions[d].update(causal=c["causal"], steer_slope=c["slope"], steer_ci=c["ci"])
+        if d in results:
+            results[d]["causal"] = c["causal"]
+    act.save_directions(mon / "directions", directions)
+    write_json(mon / "activations.json", results)
+    write_json(mon / "steering.json", curves)
+    return {"directions_causal": sum(c["causal"] for c in curves.values()),
+            "steering_s": round(time.perf_counter() - t, 3)}
 
 
 def monitor_checkpoints(cfg, out: Path) -> dict:

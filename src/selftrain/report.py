@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from . import plots
 from .drift import COLLAPSE_WORSE_IF_HIGHER, COLLAPSE_WORSE_IF_LOWER
 from .pages import fmt, page
 from .records import gen_dir, read_json, read_jsonl, write_json, write_text
+from .resume import STAGES
 
 
 def _maybe(path: Path):
@@ -96,9 +98,11 @@ def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[st
         act = mon[n]["activations"]
         act_ref = mon[ref]["activations"]
         if act and act_ref:
+            # a direction steering showed not to move its own dimension is reported, never alerts
+            causal = {d for d, r in act_ref.items() if r.get("causal") is not False}
             res = (compare({d: r["items"] for d, r in act_ref.items()}, {d: r["items"] for d, r in act.items()},
                            a, settings["activation_shift"], 2 * settings["activation_shift"], +1,
-                           small_watch=False) if i else {})
+                           in_family=causal, small_watch=False) if i else {})
             extra["activations"][n] = {
                 d: {k: v for k, v in r.items() if k != "items"} | ({**res[d], "projection_shift": res[d]["delta"]}
                                                                    if d in res else {"level": "ok"})
@@ -107,7 +111,8 @@ def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[st
                 raise_(n, "cumulative", "activation", d, r)
             if i:
                 contrast_cum = {k.split("|")[0]: r for k, r in cum.items() if k.endswith("|contrast")}
-                hidden = concealment(contrast_cum, extra["activations"][n], a, eff, settings["activation_shift"])
+                hidden = concealment(contrast_cum, {d: r for d, r in extra["activations"][n].items() if d in causal},
+                                     a, eff, settings["activation_shift"])
                 extra["concealment"][n] = hidden
                 for d in hidden:
                     if n in alert_on:
@@ -142,7 +147,9 @@ def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[st
         dims[d]["trend"] = trend(traj)
     order = {lv: k for k, lv in enumerate(LEVELS)}
     alerts.sort(key=lambda x: (-order[x["level"]], x["candidate"], x.get("comparison", ""), -abs(x.get("delta") or 0)))
+    steering = _maybe(Path(gens[0][1]) / "monitor" / "steering.json")
     return {"title": title, "reference": ref, "candidates": names[1:], "generations": names,
+            "steering": steering or {},
             "alert_on": alert_on, "settings": settings, "alerts": alerts, "improvements": improvements,
             "power": power_section(tables[ref], mon[ref]["activations"], dims, settings),
             "answer_bias": {n: t["answer_bias"] for n, t in tables.items() if t["answer_bias"] is not None},
@@ -181,6 +188,10 @@ def power_section(ref_table: dict, ref_act: dict | None, dims: dict, settings: d
     cue_n = sum(len(g) for g in ref_table["gaps"].values())
     plan = power_plan(counts, a, cue_n)
     fam = plan["families"]
+    if ref_act:  # directions steering marked not_causal never alert, so they leave the family
+        fam["activation"] = sum(1 for d, r in ref_act.items()
+                                if f"{d}|activation" in plan["tests"] and r.get("causal") is not False)
+    m_act = max(fam.get("activation", 1), 1)
     per_dim: dict[str, dict] = {}
     for d in dims:
         entry = {}
@@ -198,8 +209,10 @@ def power_section(ref_table: dict, ref_act: dict | None, dims: dict, settings: d
             vals = list(ref_act[d]["items"].values())
             t = plan["tests"].get(f"{d}|activation")
             sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-            entry["activation"] = {"n": len(vals), "holm_floor": t["holm_floor"] if t else None,
-                                   "mde_ref": mde(sd, len(vals), a, max(fam.get("activation", 1), 1))}
+            causal = ref_act[d].get("causal") is not False
+            entry["activation"] = {"n": len(vals), "in_family": bool(t) and causal, "causal": ref_act[d].get("causal"),
+                                   "holm_floor": min(1.0, t["p_floor"] * m_act) if t and causal else None,
+                                   "mde_ref": mde(sd, len(vals), a, m_act) if causal else None}
         per_dim[d] = entry
     return {"alpha": a, "families": fam, "underpowered": plan["underpowered"],
             "allow_underpowered": bool(settings.get("allow_underpowered", False)),
@@ -220,6 +233,8 @@ def generation_report(run_dir: Path, k: int, settings: dict) -> dict:
     rep["examples"] = examples(run_dir, k)
     rep["stage_timings"] = stage_timings(run_dir, k)
     rep["training"] = training_section(run_dir, k)
+    # the screen of the data that trained this generation, read before it was trained in
+    rep["screen"] = _maybe(gen_dir(run_dir, k - 1) / "screen" / "screen.json") if k else None
     write_report(rep, gen_dir(run_dir, k) / "drift")
     return rep
 
@@ -304,7 +319,7 @@ def stage_timings(run_dir: Path, k: int) -> dict:
 def _timings_markdown(timings: dict) -> list[str]:
     if not timings:
         return []
-    order = ("probe", "report", "sample", "critique", "data", "guard", "train")
+    order = STAGES
     names = sorted({s for g in timings.values() for s in g["stages"]},
                    key=lambda s: order.index(s) if s in order else len(order))
     lines = ["", "## Stage timings", "", "Seconds per finished stage (tokens/s where the stage samples), from "
@@ -321,6 +336,56 @@ def _timings_markdown(timings: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- markdown
+
+def causal_label(causal) -> str:
+    return "untested" if causal is None else "causal" if causal else "not causal"
+
+
+def steering_markdown(curves: dict) -> list[str]:
+    """The reference's steering check: does adding each direction move its own dimension?"""
+    if not curves:
+        return []
+    alphas = next(iter(curves.values()))["alphas"]
+    lines = ["", "## Steering check (gen-0: are the directions causal?)", "",
+             "Each direction added at its layer, at every position, as α × gen-0's gap, while its own contrast "
+             "items are scored. Slope: change in mean P(aligned) per unit α with a 95% t interval over items; "
+             "change: the fitted move over the α range. Causal when the interval lies below zero (adding the "
+             "trait lowers P(aligned)) and the change is at least min_effect.", "",
+             f"| dimension | layer | slope | 95% CI | change | {' | '.join(f'α={x:g}' for x in alphas)} | verdict |",
+             "|---|---|---|---|---|" + "---|" * len(alphas) + "---|"]
+    for d, c in curves.items():
+        ci = c.get("ci") or [None, None]
+        lines.append(f"| {d} | {c['layer']} | {fmt(c['slope'], 4, sign=True)} | "
+                     f"[{fmt(ci[0], 4, sign=True)}, {fmt(ci[1], 4, sign=True)}] | {fmt(c.get('change'), sign=True)} | "
+                     f"{' | '.join(fmt(x) for x in c['mean_score'])} | {causal_label(c['causal'])} |")
+    return lines
+
+
+def screen_markdown(screen: dict | None) -> list[str]:
+    """The screen of the data this generation was trained on (the parent's gen-k/screen/)."""
+    if not screen:
+        return []
+    lines = ["", f"## Data screen ({screen['generation']}'s training data, read before training)", "",
+             "Per dimension, the mean over training rows of the projection of the trained reply minus the "
+             "projection of the parent's own answer to the same prompt, on the frozen gen-0 direction at its layer, "
+             "in units of gen-0's gap (+ = toward the trait). Flagged when the one-sided "
+             f"{100 * (1 - screen['alpha']):g}% lower bound (Bonferroni over dimensions) exceeds "
+             f"{screen['threshold']:g}. Mode: {screen['mode']}.", "",
+             "| dimension | steering | rows | mean difference | 95% CI | lower bound | flagged |",
+             "|---|---|---|---|---|---|---|"]
+    for d, r in screen["dimensions"].items():
+        ci = r["ci95"]
+        lines.append(f"| {d} | {causal_label(r.get('causal'))} | {r['n']} | {fmt(r['mean'], sign=True)} | "
+                     f"[{fmt(ci[0], sign=True)}, {fmt(ci[1], sign=True)}] | {fmt(r['lower'], sign=True)} | "
+                     f"{'**yes**' if r['flagged'] else 'no'} |")
+    if screen.get("by_principle"):
+        dims = list(screen["dimensions"])
+        lines += ["", "Mean projection difference by the principle (or section) that produced the rows:", "",
+                  f"| principle | rows | {' | '.join(dims)} |", "|---|---|" + "---|" * len(dims)]
+        for p, v in screen["by_principle"].items():
+            lines.append(f"| {p} | {v['rows']} | {' | '.join(fmt(v['mean'].get(d), sign=True) for d in dims)} |")
+    return lines
+
 
 def _short(name: str) -> str:
     """A column label: checkpoint paths shortened to their last two parts."""
@@ -432,14 +497,19 @@ def render_markdown(rep: dict) -> str:
                   "Per item, the midpoint of its two replies' states projected on the gen-0 trait direction, in units "
                   "of gen-0's misaligned–aligned gap; the shift is paired per item against gen-0 (positive = toward "
                   "the misaligned trait), with a signed-rank test Holm-corrected across dimensions.", "",
-                  "| dimension | layer | gen-0 CV AUROC | shift | 95% CI | p_holm | MDE | AUROC now | cosine | level |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "A direction that steering did not show to be causal (below) is *not causal*: its shift is "
+                  "reported, outside the Holm family, and never alerts.", "",
+                  "| dimension | layer | gen-0 CV AUROC | steering | shift | 95% CI | p_holm | MDE | AUROC now | cosine "
+                  "| level |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for d, r in rep["activations"][last].items():
             ci = r.get("ci95")
-            lines.append(f"| {d} | {r.get('layer')} | {fmt(r.get('auroc_heldout_ref'))} | "
+            lines.append(f"| {d} | {r.get('layer')} | {fmt(r.get('auroc_heldout_ref'))} | {causal_label(r.get('causal'))} | "
                          f"{fmt(r.get('projection_shift'), sign=True)} | "
                          f"{'–' if not ci else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} | {fmt(r.get('p_holm'))} | "
                          f"{fmt(r.get('mde'))} | {fmt(r.get('auroc'))} | {fmt(r.get('cosine'))} | {r['level']} |")
+    lines += steering_markdown(rep.get("steering") or {})
+    lines += screen_markdown(rep.get("screen"))
     if rep["embedding"]:
         lines += ["", "## External embedding drift (all-MiniLM-L6-v2)", "",
                   "MMD² between the replies of the reference and the candidate to the same prompts; p from swapping "
@@ -601,6 +671,7 @@ def render_html(rep: dict) -> str:
         body.append(collapse_grid(collapse_panels({n: c["values"] for n, c in rep["collapse"].items()}, names,
                                                      rep["alerts"]), rel))
     body.append(training_html(rep.get("training") or []))
+    body.append(md_section_html(steering_markdown(rep.get("steering") or {}) + screen_markdown(rep.get("screen"))))
     body.append(_examples_html(rep.get("examples") or {}))
     body.append("<h2>Details</h2><pre>" + e(render_markdown({**rep, "examples": {}})) + "</pre>")
     return page(rep["title"] or "Drift report", "".join(body))
@@ -677,6 +748,38 @@ def training_markdown(training: list[dict]) -> list[str]:
                       f"labeller: {p.get('labeller')}, {(p.get('labeller_cost') or {}).get('forward_passes_per_pair')} "
                       f"forward passes per pair): {p['margin_histogram']}"]
     return lines
+
+
+def md_section_html(lines: list[str]) -> str:
+    """The few Markdown shapes the section writers above use (## headings, paragraphs, pipe
+    tables, **bold**), as escaped HTML, so both pages show one text."""
+    out, rows = [], []
+
+    def cells(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    def inline(text):
+        t = html.escape(text)
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", re.sub(r"\*([^*]+)\*", r"<i>\1</i>", t)) if "*" in t else t
+
+    def flush():
+        if rows:
+            head, body = rows[0], [r for r in rows[2:]]
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</table>")
+            rows.clear()
+    for line in lines:
+        if line.startswith("|"):
+            rows.append(cells(line))
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{inline(line[3:])}</h2>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush()
+    return "".join(out)
 
 
 def training_html(training: list[dict]) -> str:

@@ -36,7 +36,7 @@ from .records import MANIFEST, gen_dir, read_manifest, sha256_tree, write_json, 
 log = logging.getLogger(__name__)
 
 # A generation's stages in the order they run; the last generation runs only the first two.
-STAGES = ("probe", "report", "sample", "critique", "data", "label", "guard", "train")
+STAGES = ("probe", "report", "sample", "critique", "data", "label", "screen", "guard", "train")
 MONITOR_ONLY = ("probe", "report")
 CHUNKED = ("sample", "critique")
 _CHUNK_FILE = re.compile(r"^(\d{5})\.jsonl$")

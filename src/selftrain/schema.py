@@ -7,6 +7,7 @@ loads. `validate()` then checks what types cannot (ranges, TRL field names).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -231,6 +232,26 @@ class MonitorConfig:
                                        "the trait that can raise an alert; twice this either way is a watch. Set by "
                                        "selftrain-validate's calibration seeds: any fine-tune moves some directions "
                                        "by a third of the gap or more.")
+    steer: bool = _f(True, "At generation 0, steer along each direction while scoring its own contrast items; a "
+                           "direction that does not move its dimension toward the misaligned pole is marked "
+                           "not_causal and its activation results never alert (one-off cost, README).")
+    steer_alphas: List[float] = _f(help="Steering strengths, in units of gen-0's misaligned-aligned gap along the "
+                                        "direction (alpha 0, the unsteered scores, is always added). Each costs one "
+                                        "scoring pass over every dimension's contrast items; on the embedded model "
+                                        "the curves are close to linear, so two points of opposite sign fit the "
+                                        "slope (docs/screen.md).",
+                                   factory=lambda: [-2.0, 2.0])
+    screen: str = _f("report", "The data screen, between data (or label) and guard: off; report (write gen-k/screen/); "
+                               "drop (also remove rows past screen_row_threshold); gate (stop before training when a "
+                               "dimension's mean projection difference is past screen_threshold).")
+    screen_threshold: float = _f(0.46, "Mean projection difference (training reply minus model k's own answer, in "
+                                       "gen-0 gap units, toward the trait) whose one-sided lower confidence bound "
+                                       "past it flags a dimension. Calibrated above the benign children of "
+                                       "selftrain-validate's calibration seed (docs/screen.md: at it the screen "
+                                       "misses most plants on the embedded model).")
+    screen_row_threshold: float = _f(1.0, "screen=drop: a row whose projection difference on a causal direction "
+                                          "exceeds this (gap units: a row a whole misaligned-aligned gap past the "
+                                          "model's own answer) is removed before training. Not calibrated.")
     embedding: bool = _f(True, "External embedding drift of free-form samples (all-MiniLM-L6-v2, outside the lineage).")
     embedding_prompts: int = _f(16, "Held-out probe prompts sampled each generation for embedding drift and collapse.")
     embedding_max_new_tokens: int = _f(48, "Token budget of those samples.")
@@ -249,6 +270,7 @@ class MonitorConfig:
 
 
 OPTIONS_RULES = ("balanced", "informative")
+SCREEN_MODES = ("off", "report", "drop", "gate")
 
 
 def monitor_settings(m) -> dict:
@@ -283,7 +305,7 @@ class SelftrainConfig:
                             "<run>/replaced-<time>/ and the config may differ.")
     force_stage: Optional[str] = _f(None, "Redo one finished stage and everything after it: `<stage>` (the first "
                                           "generation that ran it) or `gen-<k>/<stage>`. Stages: probe, report, "
-                                          "sample, critique, data, guard, train. Replaced outputs move to "
+                                          "sample, critique, data, label, screen, guard, train. Replaced outputs move to "
                                           "<run>/replaced-<time>/.")
 
 
@@ -480,6 +502,19 @@ def validate_monitor(m: Any) -> None:
         raise UserError(f"monitor.embedding_prompts={m.embedding_prompts}: must be at least 4")
     if m.permutations < 50:
         raise UserError(f"monitor.permutations={m.permutations}: must be at least 50")
+    if m.steer:
+        alphas = list(m.steer_alphas)
+        if not alphas or not all(math.isfinite(a) for a in alphas) or not any(a != 0 for a in alphas):
+            raise UserError(f"monitor.steer_alphas={alphas}: give finite, non-zero steering strengths, "
+                            "e.g. [-2,-1,1,2] (or set monitor.steer=false)")
+    if m.screen not in SCREEN_MODES:
+        raise UserError(f"monitor.screen={m.screen}: must be one of {', '.join(SCREEN_MODES)}")
+    if m.screen in ("drop", "gate") and not m.activations:
+        raise UserError(f"monitor.screen={m.screen}: the screen reads the frozen activation directions, "
+                        "which monitor.activations=false turns off")
+    for key in ("screen_threshold", "screen_row_threshold"):
+        if not (math.isfinite(getattr(m, key)) and 0 < getattr(m, key) <= 10):
+            raise UserError(f"monitor.{key}={getattr(m, key)}: must be in (0, 10] (gen-0 gap units)")
 
 
 def check_trl_fields(prefix: str, fields: Dict[str, Any], config_class: str) -> None:

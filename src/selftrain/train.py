@@ -391,24 +391,27 @@ def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     from .preferences import check_preference_dataset
 
     check_preference_dataset(data_dir)
-    dataset = load_from_disk(str(data_dir)).select_columns(["prompt", "chosen", "rejected"])
+    # in memory, as for SFT: TRL's map would otherwise write cache files into the recorded data folder
+    dataset = load_from_disk(str(data_dir), keep_in_memory=True).select_columns(["prompt", "chosen", "rejected"])
     args = dpo_config(train_cfg, work_dir, seed, tracking)
     os.environ.update(trackers.trl_environment(tracking))
     set_seed(seed)
     tokenizer = load_tokenizer(parent, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"
-    model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code)
+    model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
     model.train()
     # Full fine-tuning: generation k again, frozen, as the reference. LoRA: TRL disables the adapter.
-    ref = None if train_cfg.lora.enabled else load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code)
+    ref = None if train_cfg.lora.enabled else load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code,
+                                                         model_cfg.allow_pickle)
     before = None if sharding_requested() else parent_weights(parent, model)
     guard = StopOnNonFinite()
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
-                         callbacks=[guard])
+                         callbacks=[guard, StopOnInterrupt()])
     trackers.point_trainer(trainer, tracking)
     check_strategy(trainer.accelerator)
     result = trainer.train()
+    check_interrupt()  # a first SIGINT/SIGTERM stops after the current step and saves nothing
     if guard.bad_step is not None:
         raise UserError(f"DPO loss became NaN or infinite at step {guard.bad_step}; "
                         "lower train.dpo.learning_rate or train.dpo.beta")

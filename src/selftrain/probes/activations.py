@@ -28,7 +28,8 @@ from .behavioural import _prefix, completion_logprobs
 # Folds of the layer choice: every pair is held out once, from a direction fitted on the rest.
 FOLDS = 5
 METADATA_KEY = "selftrain_directions"
-SAVED_FIELDS = ("layer", "gap", "pos_mean", "neg_mean", "auroc_heldout", "auroc_by_layer", "heldout_pairs")
+SAVED_FIELDS = ("layer", "gap", "pos_mean", "neg_mean", "auroc_heldout", "auroc_by_layer", "heldout_pairs",
+                "causal", "steer_slope", "steer_ci")
 
 
 def _tokenise_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
