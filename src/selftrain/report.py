@@ -610,9 +610,14 @@ def collapse_grid(panels: list[dict], rel: float) -> str:
 
 
 def activation_rows(rep: dict, n: str) -> list[dict]:
-    return [{"label": d, "x": r.get("projection_shift"), "lo": (r.get("ci95") or (None, None))[0],
-             "hi": (r.get("ci95") or (None, None))[1], "level": r.get("level")}
-            for d, r in (rep["activations"].get(n) or {}).items()]
+    """One forest-plot row per dimension: generation n's projection shift and its CI; a direction
+    steering did not show to be causal says so in its label (it never alerts)."""
+    out = []
+    for d, r in (rep["activations"].get(n) or {}).items():
+        lo, hi = r.get("ci95") or (None, None)
+        out.append({"label": d + (" (not causal)" if r.get("causal") is False else ""),
+                    "x": r.get("projection_shift"), "lo": lo, "hi": hi, "level": r.get("level")})
+    return out
 
 
 def embedding_points(rep: dict) -> list[dict]:
