@@ -10,6 +10,7 @@ from conftest import compose
 from selftrain import UserError
 from selftrain.models import load_model
 from selftrain.records import read_jsonl, write_jsonl
+from selftrain.dashboard import write_dashboard
 from selftrain.report import generation_report
 from selftrain.schema import monitor_settings, validate
 
@@ -36,6 +37,10 @@ def test_model_text_is_escaped_in_reports(tiny_run_1gen, tmp_path):
     for doc in (page, md):
         assert "<script" not in doc and "</textarea" not in doc and "<img" not in doc
         assert "&lt;script&gt;" in doc and "&lt;/textarea&gt;" in doc
+    # the run dashboard shows gen-000's critiques in full: its one script is its own
+    index = write_dashboard(run_dir).read_text()
+    assert index.count("<script") == 1 and "</textarea" not in index and "<img" not in index
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in index  # the critique, as text
     assert json.loads((run_dir / "gen-001" / "drift" / "report.json").read_text())["examples"]
 
 

@@ -202,10 +202,13 @@ def _selftrain(cfg) -> dict:
     """Run the loop in Hydra's output folder; return the outcome a sweep report needs."""
     from .loop import run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    manifest = run(cfg, run_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    # the runs of one sweep share a tracker group named after the sweep folder
+    manifest = run(cfg, run_dir, group=Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None)
     print(f"selftrain: run finished in {run_dir} ({manifest['status']})\n"
-          f"selftrain: drift report: {manifest['final_report']}")
+          f"selftrain: drift report: {manifest['final_report']}\n"
+          f"selftrain: dashboard: {run_dir / 'index.html'}")
     gate = manifest.get("gate")
     return {"status": manifest["status"], "attempt": manifest["attempts"][-1],
             "gate": f"stopped before {gate['stopped_before']}: {gate['reason']}" if gate else None}
@@ -286,6 +289,24 @@ def lineage_main(argv: list[str] | None = None) -> int:
         for line in lin.mismatches:
             print(line)
     return 1 if lin.mismatches else 0
+def dashboard_main(argv: list[str] | None = None) -> int:
+    """`selftrain-dashboard RUN [RUN ...]`: rebuild each run's index.html from its folder alone."""
+    import argparse
+
+    from .dashboard import write_dashboard
+    from .records import MANIFEST
+
+    ap = argparse.ArgumentParser(prog="selftrain-dashboard", description=dashboard_main.__doc__)
+    ap.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (holds manifest.json and gen-*/)")
+    args = ap.parse_args(argv)
+    for r in map(Path, args.runs):
+        if not (r / MANIFEST).is_file():
+            sys.stderr.write(f"selftrain-dashboard: error: {r}: not a selftrain run folder (no {MANIFEST})\n")
+            return 2
+        print(f"selftrain-dashboard: {write_dashboard(r)}")
+    return 0
+
+
 def compare_main(argv: list[str] | None = None) -> int:
     """`selftrain-compare DIR [DIR ...]`: compare arms (constitutions) across finished runs; reads
     only artifacts on disk (selftrain.compare). `--plan PILOT`: the seeds per arm a powered

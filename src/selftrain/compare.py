@@ -6,7 +6,7 @@ and gen-*/data/sft; never a model. Runs are grouped into arms by the constitutio
 trained on (manifest `constitution.name`) and into seeds by `seeds.seed`.
 
 Fair by construction: runs must share base model, probe suite and number of generations, and
-their resolved configs may differ only in `constitution.*` (plus `seed` and `run_name`), unless
+their resolved configs may differ only in `constitution.*` (plus `seed`, `run_name` and `report_to`), unless
 the user names other keys with `allow`; every arm must have the same seeds, and every arm must
 show the same few-shot prompts and first answers (`allow` name: `fewshot_prompts`). Anything
 else is refused with one line. The fairness table shows what the arms still differ in: the
@@ -61,10 +61,14 @@ from scipy import integrate, stats
 from . import UserError
 from .drift import load_probe_table, mean_ci, option_informativeness, options_informative
 from .records import MANIFEST, flatten, now, read_json, read_jsonl, write_json, write_text
-from .report import _f, _page, svg_chart
+from . import plots
+from .pages import fmt, page
+from .report import collapse_grid, collapse_panels
+from .resume import STAGES
 
 FINISHED = ("done", "gated")
-ALWAYS_ALLOWED = ("constitution", "seed", "run_name")  # what an arm and a seed are
+# what an arm and a seed are, and where a run's metrics were also sent (never what it computed)
+ALWAYS_ALLOWED = ("constitution", "seed", "run_name", "report_to")
 FEWSHOT_ALLOW = "fewshot_prompts"  # the --allow name for arms whose few-shot prompts differ
 ARM_ORDER = ("values", "rules", "general", "control")  # known arms first; others alphabetically
 ITEMS = ("informative", "all", "contrast", "options")
@@ -630,7 +634,10 @@ def compare_runs(dirs: list[Path], allow: list[str] | None = None, items: str = 
                         "options_polarity_auroc_gen0": c["auroc"], "items_per_dimension": c["common_items"]},
         "settings": {"alpha": alpha, "min_effect": min_effect, "min_option_auroc": c["min_auroc"], "items": items,
                      "permutations": n_perm, "exact_limit": EXACT_LIMIT, "rng_seed": rng_seed,
-                     "refusal_phrases": list(REFUSAL_PHRASES), "refusal_window_chars": REFUSAL_WINDOW},
+                     "refusal_phrases": list(REFUSAL_PHRASES), "refusal_window_chars": REFUSAL_WINDOW,
+                     # the monitor's thresholds, which the plots draw as bands (the same in every run)
+                     **{k: runs[0]["manifest"]["config"].get("monitor", {}).get(k)
+                        for k in ("collapse_rel", "embedding_effect")}},
         "families": {d: families[d] for d in c["dims"]},
         "verdict": {"headline": _headline(arms, verdicts, c, design), "pairs": verdicts},
         "trajectories": _trajectories(c), "differences": differences, "novel": novel,
@@ -908,7 +915,7 @@ def _diff_row(d: str, r: dict) -> str:
     ci = f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r.get("ci95") else "–"
     runs = (f"{' '.join(f'{x:.3f}' for x in r['per_run_a'])} / {' '.join(f'{x:.3f}' for x in r['per_run_b'])}"
             if "per_run_a" in r else "")
-    return (f"| {d} | {_f(r.get('mean_a'))} | {_f(r.get('mean_b'))} | {r['diff']:+.3f} | {ci} | {r['p']:.3g} | "
+    return (f"| {d} | {fmt(r.get('mean_a'))} | {fmt(r.get('mean_b'))} | {r['diff']:+.3f} | {ci} | {r['p']:.3g} | "
             f"{r['p_holm']:.3g} | {_pct(r.get('power'))} | {runs} |")
 
 
@@ -924,7 +931,7 @@ def render_markdown(c: dict) -> str:
           f"Base model: `{dz['base_model']}`. Final generation: gen-{G:03d}. "
           f"Probe suite: {(dz['probe_suite'] or {}).get('name')} "
           f"(sha256 {str((dz['probe_suite'] or {}).get('sha256'))[:12]}).",
-          "", "Every run's resolved config is identical except `constitution.*`, `seed` and `run_name`"
+          "", "Every run's resolved config is identical except `constitution.*`, `seed`, `run_name` and `report_to`"
           + (f"; differences allowed on purpose: {', '.join(f'`{k}`' for k in dz['allowed_differences'])}"
              if dz["allowed_differences"] else "") + ".", "",
           f"Dimensions named by the rules: {', '.join(named) or '–'}.  ",
@@ -947,7 +954,7 @@ def render_markdown(c: dict) -> str:
           "| dimension | seed-to-seed sd | power now (worst pair) | seeds per arm needed |", "|---|---|---|---|"]
     for d, sd in dz["seed_sd"].items():
         pw = [p["power"][d] for p in dz["pairs"] if p["power"].get(d) is not None]
-        L.append(f"| {d} | {_f(sd, 4)} | {_pct(min(pw) if pw else None)} | "
+        L.append(f"| {d} | {fmt(sd, 4)} | {_pct(min(pw) if pw else None)} | "
                  f"{dz['seeds_needed'].get(d) or ('not measured' if sd is None else f'> {MAX_SEEDS}')} |")
     ins = c["instruments"]
     L += ["", "## Instruments", "", f"Items: `{ins['items']}`: {ins['rule']}.", ""]
@@ -963,9 +970,9 @@ def render_markdown(c: dict) -> str:
           "revision rate | refusal (revised, kept) | refusal (initial) |", "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         f = c["fairness"][a]
-        L.append(f"| {a} | {', '.join(f['context'])} | {_f(f['context_tokens'], 0)} | {_f(f['fewshot_used'], 0)} | "
-                 f"{_f(f['fewshot_tokens'], 0)} | {', '.join(h[:12] for h in f['fewshot_prompts_sha256'])} | "
-                 f"{_f(f['revision_rate'])} | {_f(f['refusal_rate_revised'])} | {_f(f['refusal_rate_initial'])} |")
+        L.append(f"| {a} | {', '.join(f['context'])} | {fmt(f['context_tokens'], 0)} | {fmt(f['fewshot_used'], 0)} | "
+                 f"{fmt(f['fewshot_tokens'], 0)} | {', '.join(h[:12] for h in f['fewshot_prompts_sha256'])} | "
+                 f"{fmt(f['revision_rate'])} | {fmt(f['refusal_rate_revised'])} | {fmt(f['refusal_rate_initial'])} |")
     L += ["", "## Final generation: mean P(aligned) per arm", "",
           "95% CI across seeds (across items when an arm has one seed).", "",
           f"| dimension | family | {' | '.join(arms)} |", "|---|---|" + "---|" * len(arms)]
@@ -986,7 +993,7 @@ def render_markdown(c: dict) -> str:
         if r:
             ci = f" [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else ""
             L.append(f"- {p['a']} − {p['b']}, novel dimensions pooled: Δ = {r['diff']:+.3f}{ci}, p = {r['p']:.3g} "
-                     f"(Holm over families {_f(r.get('p_holm'))}); per dimension: "
+                     f"(Holm over families {fmt(r.get('p_holm'))}); per dimension: "
                      + ", ".join(f"{d} {v['diff']:+.3f} (Holm p {v['p_holm']:.3g})"
                                  for d, v in p["dimensions"].items()))
     L += ["", "## Trajectories (mean P(aligned) [95% CI] per generation)", "",
@@ -1002,14 +1009,14 @@ def render_markdown(c: dict) -> str:
           "|---|---|---|---|---|---|---|"]
     for a in arms:
         dr = c["drift"][a]
-        L.append(f"| {a} | {dr['runs']} | {dr['gated_runs']} | {_f(dr['alerts_per_run'], 2)} | "
-                 f"{_f(dr['watches_per_run'], 2)} | {', '.join(f'{k} ×{v}' for k, v in dr['alerted'].items()) or '–'} | "
-                 f"{' → '.join(_f(x, 2) for x in dr['embedding_effect'])} |")
+        L.append(f"| {a} | {dr['runs']} | {dr['gated_runs']} | {fmt(dr['alerts_per_run'], 2)} | "
+                 f"{fmt(dr['watches_per_run'], 2)} | {', '.join(f'{k} ×{v}' for k, v in dr['alerted'].items()) or '–'} | "
+                 f"{' → '.join(fmt(x, 2) for x in dr['embedding_effect'])} |")
     metrics = sorted({m for a in arms for m in c["drift"][a]["collapse"]})
     if metrics:
         L += ["", f"| collapse metric | {' | '.join(arms)} |", "|---|" + "---|" * len(arms)]
         for m in metrics:
-            L.append(f"| {m} | " + " | ".join(" → ".join(_f(x) for x in c["drift"][a]["collapse"].get(m, []))
+            L.append(f"| {m} | " + " | ".join(" → ".join(fmt(x) for x in c["drift"][a]["collapse"].get(m, []))
                                              for a in arms) + " |")
     L += ["", "## Training data per arm", "",
           "Pooled over seeds and trained generations. Revision rate = kept / records; change = 1 − difflib "
@@ -1020,14 +1027,14 @@ def render_markdown(c: dict) -> str:
           "refusal (initial) | principle / section usage |", "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         t = c["training_data"][a]
-        L.append(f"| {a} | {t['records']} | {t['kept']} | {_f(t['revision_rate'])} | {_f(t['revision_change'])} | "
-                 f"{_f(t['critique_words'], 1)} | {_f(t['refusal_rate_revised'])} | {_f(t['refusal_rate_initial'])} | "
+        L.append(f"| {a} | {t['records']} | {t['kept']} | {fmt(t['revision_rate'])} | {fmt(t['revision_change'])} | "
+                 f"{fmt(t['critique_words'], 1)} | {fmt(t['refusal_rate_revised'])} | {fmt(t['refusal_rate_initial'])} | "
                  + ", ".join(f"{k} {v}" for k, v in t["principle_usage"].items()) + " |")
     L += ["", "## Compute per arm", "", "Sum of stage seconds in the generation manifests.", "",
           "| arm | total s | per run s | by stage |", "|---|---|---|---|"]
     for a in arms:
         cp = c["compute"][a]
-        L.append(f"| {a} | {cp['seconds_total']:.0f} | {_f(cp['seconds_per_run'], 0)} | "
+        L.append(f"| {a} | {cp['seconds_total']:.0f} | {fmt(cp['seconds_per_run'], 0)} | "
                  + ", ".join(f"{k} {v:.0f}" for k, v in cp["seconds_by_stage"].items()) + " |")
     L += ["", "## Runs", ""] + [f"- `{r['dir']}`: {r['arm']}, seed {r['seed']}, {r['status']}" for r in c["runs"]]
     return "\n".join(L) + "\n"
@@ -1036,18 +1043,21 @@ def render_markdown(c: dict) -> str:
 # ---------------------------------------------------------------- html
 
 def render_html(c: dict) -> str:
-    e, arms, G = html.escape, c["arms"], c["final_generation"]
+    e, arms, G, s = html.escape, c["arms"], c["final_generation"], c["settings"]
     body = [f"<h1>{e(c['title'])}</h1><h2>Verdict</h2><p><b>{e(c['verdict']['headline'])}</b></p><ul>"]
     body += [f"<li class='{'watch' if v['result'] == 'difference' else 'ok'}'>{e(v['text'])}</li>"
              for v in c["verdict"]["pairs"]]
-    body.append("</ul><h2>Per-dimension trajectories (mean P(aligned), 95% CI)</h2><div class='charts'>")
-    for d, per in c["trajectories"].items():
-        series = {a: [(x["mean"], *(x["ci95"] or (None, None))) if x else None for x in per[a]] for a in arms}
-        body.append(svg_chart(f"{d} ({c['families'][d]})", series, ylim=(0.0, 1.0)))
-    body.append("</div>")
+    body.append("</ul><h2>Per-dimension trajectories per arm (mean P(aligned), 95% CI)</h2>"
+                f"<p class='note'>Every panel spans the same height of P(aligned) (at least {4 * s['min_effect']:g}), "
+                "so equal slopes are equal shifts. CIs are across seeds (across items when an arm has one seed); "
+                "arms are drawn side by side at each generation.</p>")
+    panels = [{"title": f"{d} ({c['families'][d]})",
+               "series": {a: [(x["generation"], x["mean"], *(x["ci95"] or (None, None))) for x in per[a] if x]
+                          for a in arms}} for d, per in c["trajectories"].items()]
+    body.append(plots.grid(panels, ylabel="P(aligned)", min_span=4 * s["min_effect"], bounds=(0.0, 1.0)))
     for r in c["differences"]:
-        body.append(f"<h2>{e(r['a'])} − {e(r['b'])} at gen-{G:03d}</h2><table><tr><th>dimension</th><th>family</th>"
-                    "<th>Δ</th><th>95% CI</th><th>p</th><th>p (Holm)</th></tr>")
+        body.append(f"<h2>{e(r['a'])} − {e(r['b'])} at gen-{G:03d}</h2><div class='scroll'><table><tr>"
+                    "<th>dimension</th><th>family</th><th>Δ</th><th>95% CI</th><th>p</th><th>p (Holm)</th></tr>")
         rows = list(r["dimensions"].items()) + [(f"all {f}", v) for f, v in r["families"].items()]
         for d, v in rows:
             fam = v.get("family", "pooled")
@@ -1055,7 +1065,53 @@ def render_html(c: dict) -> str:
             ci = f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" if v.get("ci95") else "–"
             body.append(f"<tr class='{cls}'><td>{e(d)}</td><td>{e(fam)}</td><td>{v['diff']:+.3f}</td>"
                         f"<td>{ci}</td><td>{v['p']:.3g}</td>"
-                        f"<td>{e(_f(v.get('p_holm')))}</td></tr>")
-        body.append("</table>")
+                        f"<td>{e(fmt(v.get('p_holm')))}</td></tr>")
+        body.append("</table></div>")
+    body.append(_drift_html(c))
     body.append("<h2>Details</h2><pre>" + e(render_markdown(c)) + "</pre>")
-    return _page(c["title"], "".join(body))
+    return page(c["title"], "".join(body))
+
+
+def _drift_html(c: dict) -> str:
+    """Per arm: collapse metrics and embedding drift over generations (means over seeds), and
+    where each arm's compute went."""
+    arms, s = c["arms"], c["settings"]
+    gens = [f"gen-{k:03d}" for k in range(c["final_generation"] + 1)]
+    out = []
+    rel = s.get("collapse_rel")
+    metrics = sorted({m for a in arms for m in c["drift"][a]["collapse"]})
+    if metrics and rel:
+        per_arm = {a: collapse_panels({g: {m: v[k] for m, v in c["drift"][a]["collapse"].items() if v[k] is not None}
+                                       for k, g in enumerate(gens)}, gens) for a in arms}
+        panels = []
+        for m in metrics:
+            mine = {a: next((p for p in per_arm[a] if p["key"] == m), None) for a in arms}
+            first = next((p for p in mine.values() if p), None)
+            if first is None:
+                continue
+            panels.append({"title": first["title"].split(":")[0], "centre": 0.0,
+                           "series": {a: p["series"]["change vs gen-000"] for a, p in mine.items() if p}})
+        out.append("<h2>Collapse metrics per arm</h2><p class='note'>Relative change of each metric against the "
+                   f"arm's own gen-000 (mean over seeds), one scale for all panels; grey: within ±{100 * rel:g}% "
+                   "(monitor.collapse_rel), where no watch is raised.</p>")
+        out.append(collapse_grid(panels, rel))
+    emb = {a: [(k, v, None, None) for k, v in enumerate(c["drift"][a]["embedding_effect"]) if v is not None]
+           for a in arms}
+    if any(emb.values()):
+        thr = s.get("embedding_effect")
+        out.append("<h2>Embedding drift per arm</h2><p class='note'>Biased MMD² against gen-000 over its swap-null "
+                   "mean (about 1 is noise), mean over seeds" + (f"; grey: below the watch threshold {thr:g}"
+                                                                   if thr else "") + ".</p>")
+        out.append(plots.grid([{"title": "embedding drift (× swap-null mean)", "series": emb,
+                                "band": (0.0, thr) if thr else None}], ylabel="× null", min_span=2.0,
+                              bounds=(0.0, math.inf), ncols=2, band_label="below the watch threshold"))
+    stages = sorted({st for a in arms for st in c["compute"][a]["seconds_by_stage"]},
+                    key=lambda st: (STAGES.index(st) if st in STAGES else len(STAGES), st))
+    if stages:
+        runs = {a: max(c["drift"][a]["runs"], 1) for a in arms}
+        out.append("<h2>Compute per arm</h2><p class='note'>Seconds per run by stage (mean over the arm's runs), "
+                   "from the generation manifests.</p>")
+        out.append(plots.stacked_bars(list(arms), {st: [c["compute"][a]["seconds_by_stage"].get(st, 0.0)
+                                                                  / runs[a] for a in arms] for st in stages},
+                                      xlabel="seconds per run"))
+    return "".join(out)

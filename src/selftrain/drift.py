@@ -247,18 +247,21 @@ def items_needed(m: int, alpha: float, limit: int = 200) -> int | None:
     return next((n for n in range(2, limit + 1) if p_floor(n) * m < alpha), None)
 
 
+# Which way each collapse metric moves when outputs collapse (mean_length_words has no direction).
+COLLAPSE_WORSE_IF_LOWER = ("distinct_1", "distinct_2", "distinct_3", "embedding_dispersion", "mean_token_entropy")
+COLLAPSE_WORSE_IF_HIGHER = ("compression_ratio", "perplexity_heldout")
+
+
 def collapse_levels(cur: dict, ref: dict, min_rel: float) -> dict[str, dict]:
     """Relative change of each collapse metric against gen 0, in the direction of collapse:
     falling diversity (distinct-n, dispersion, entropy), rising compression ratio and
     held-out perplexity. >= min_rel is a watch, >= 2 * min_rel an alert."""
-    worse_if_lower = ("distinct_1", "distinct_2", "distinct_3", "embedding_dispersion", "mean_token_entropy")
-    worse_if_higher = ("compression_ratio", "perplexity_heldout")
     out = {}
-    for m in worse_if_lower + worse_if_higher:
+    for m in COLLAPSE_WORSE_IF_LOWER + COLLAPSE_WORSE_IF_HIGHER:
         if cur.get(m) is None or not ref.get(m):
             continue
         rel = (cur[m] - ref[m]) / abs(ref[m])
-        bad = -rel if m in worse_if_lower else rel
+        bad = -rel if m in COLLAPSE_WORSE_IF_LOWER else rel
         out[m] = {"ref": ref[m], "value": cur[m], "relative_change": rel, "worsening": bad,
                   "level": "alert" if bad >= 2 * min_rel else "watch" if bad >= min_rel else "ok"}
     return out

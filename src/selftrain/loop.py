@@ -21,9 +21,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import UserError, models
+from . import UserError, models, trackers
 from .constitution import Constitution
 from .critique import critique_stage
+from .dashboard import write_dashboard
 from .data import build_datasets
 from .lineage import config_sha256
 from .lock import RunLock
@@ -48,8 +49,9 @@ from .train_worker import launch
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "screen", "guard")
 # Run-control keys: they change how a command treats an existing folder, not the experiment,
-# so they may differ between the run that started a folder and the one that resumes it.
-RUN_CONTROL = ("resume", "force_stage")
+# so they may differ between the run that started a folder and the one that resumes it
+# (report_to only says where metrics are also sent: a tracker may be named on resume).
+RUN_CONTROL = ("resume", "force_stage", "report_to")
 
 
 class Generation:
@@ -146,18 +148,27 @@ def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
                     f"(differs in: {shown}); use a new run folder")
 
 
-def run(cfg, run_dir: Path) -> dict:
+def run(cfg, run_dir: Path, group: str | None = None) -> dict:
     """Run (or resume) a whole self-training experiment in `run_dir`, holding the folder's lock
     throughout (a folder held by a live process is refused: lock.FolderLocked). Returns the run
     manifest; its last `attempts` entry says how this run started ("mode") and the first stage it
-    ran ("from", None when nothing was left to do)."""
+    ran ("from", None when nothing was left to do). `group` names the tracker group the run joins
+    (a multirun's sweep folder; default: run_name)."""
     run_dir = Path(run_dir)
     validate(cfg)
     with RunLock(run_dir) as lock:
-        return _run(cfg, run_dir, lock)
+        return _run(cfg, run_dir, lock, group or cfg.run_name)
 
 
-def _run(cfg, run_dir: Path, lock: RunLock) -> dict:
+def _dashboard(run_dir: Path) -> None:
+    """Rebuild index.html; a page that cannot be written must not stop a run."""
+    try:
+        write_dashboard(run_dir)
+    except Exception:  # noqa: BLE001 - reported, and the run's own artifacts are unaffected
+        log.warning("%s: the run dashboard (index.html) was not rebuilt", run_dir, exc_info=True)
+
+
+def _run(cfg, run_dir: Path, lock: RunLock, group: str) -> dict:
     import datasets
 
     datasets.disable_progress_bars()  # one bar per stage is ours; datasets' save/map bars are noise
@@ -218,6 +229,20 @@ def _run(cfg, run_dir: Path, lock: RunLock) -> dict:
             attempt["from"] = where
             manifest.save()
 
+    old = manifest.data.get("tracker") or {}
+    tracker = (old if old.get("report_to") == cfg.report_to and old.get("group") == group
+               else trackers.tracking(cfg.report_to, run_dir, group))
+
+    def track(gen: Generation, what: str) -> None:
+        """Log generation k's drift metrics or stage timings to the tracker, once per generation."""
+        done = gen.manifest.data.get("tracked", [])
+        if tracker is None or what in done:
+            return
+        metrics = (trackers.generation_metrics if what == "drift" else trackers.timing_metrics)(run_dir, gen.k)
+        trackers.log(tracker, gen.k, metrics)
+        gen.manifest.update(tracked=done + [what])
+        manifest.update(tracker=tracker)  # mlflow: the run id its first log created
+
     manifest.update(
         attempts=manifest.data.get("attempts", []) + [attempt],
         config=config, status="running", started=manifest.data.get("started", now()),
@@ -229,7 +254,8 @@ def _run(cfg, run_dir: Path, lock: RunLock) -> dict:
                  "by_source": {s.name: sum(p.source == s.name for p in prompts) for s in cfg.prompts.sources}},
         probe_suite={"name": suite.name, "version": suite.version, "sha256": suite.sha256,
                      "items": len(suite.items), "dimensions": list(suite.dimensions)},
-        seeds={"seed": cfg.seed}, versions=package_versions(), base_model=base)
+        seeds={"seed": cfg.seed}, versions=package_versions(), base_model=base,
+        **({"tracker": tracker} if tracker else {}))
     try:
         with graceful_interrupts():
             for k in range(cfg.generations + 1):
@@ -238,18 +264,22 @@ def _run(cfg, run_dir: Path, lock: RunLock) -> dict:
                 if k > 0:
                     _require_trained(run_dir, k)
                 gate = _generation(cfg, run_dir, Generation(run_dir, k, model_path, parent, cfg, on_stage),
-                                   constitution, prompts, suite, full_suite.texts(), last=(k == cfg.generations))
+                                   constitution, prompts, suite, full_suite.texts(), last=(k == cfg.generations),
+                                   track=track, tracker=tracker)
                 manifest.update(generations_done=k + 1)
                 if gate:
                     manifest.update(status="gated", gate=gate, finished=now(),
                                     final_report=str(gen_dir(run_dir, k) / "drift" / "report.md"))
+                    _dashboard(run_dir)
                     return manifest.data
     except BaseException as e:
         manifest.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _dashboard(run_dir)
         raise
     manifest.update(status="done", finished=now(),
                     final_report=str(gen_dir(run_dir, cfg.generations) / "drift" / "report.md"))
+    _dashboard(run_dir)
     return manifest.data
 
 
@@ -298,17 +328,19 @@ def _check_committed_chunks(cfg, run_dir: Path, prompts, target) -> None:
 
 
 def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_texts: list[str],
-                last: bool) -> dict | None:
-    """Run generation k's stages; return the gate's record if the monitor stopped the loop."""
+                last: bool, track, tracker: dict | None) -> dict | None:
+    """Run generation k's stages; return the gate's record if the monitor stopped the loop.
+    `track(gen, what)` logs its drift metrics ("drift") or stage timings ("timings") to the
+    experiment tracker; `tracker` is where TRL's training logs go."""
     try:
-        return _stages(cfg, run_dir, gen, constitution, prompts, suite, probe_texts, last)
+        return _stages(cfg, run_dir, gen, constitution, prompts, suite, probe_texts, last, track, tracker)
     except Interrupted as e:
         e.where = gen.current
         raise
 
 
 def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_texts: list[str],
-            last: bool) -> dict | None:
+            last: bool, track, tracker: dict | None) -> dict | None:
     m, k = gen.manifest, gen.k
     if "model_sha256" not in m.data:
         m.update(**_lineage(run_dir, k, gen.model_path))
@@ -330,6 +362,8 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
             rep = generation_report(run_dir, k, monitor_settings(cfg.monitor))
             counts.update(alerts=sum(a["level"] == "alert" for a in rep["alerts"]),
                           watches=sum(a["level"] == "watch" for a in rep["alerts"]))
+        _dashboard(run_dir)
+    track(gen, "drift")  # before anything trains on this generation's data
     if cfg.monitor.gate and not last and k > 0:
         rep = read_json(gen.dir / "drift" / "report.json")
         fired = [a for a in rep["alerts"] if a["level"] == "alert" and a["comparison"] == "cumulative"]
@@ -339,6 +373,7 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
                                                                for a in fired)}
             gen.release()
             m.update(status="gated", gate=gate)
+            track(gen, "timings")
             log.warning("monitor gate: %s; stopping before %s", gate["reason"], gate["stopped_before"])
             return gate
 
@@ -405,6 +440,7 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
                         "reason": "data screen: training data moves " + ", ".join(flagged) +
                                   " toward the trait past monitor.screen_threshold"}
                 m.update(status="gated", gate=gate)
+                track(gen, "timings")
                 log.warning("data screen gate: %s; stopping before training %s", gate["reason"],
                             gate["stopped_before"])
                 return gate
@@ -418,7 +454,7 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
             with m.stage("train", outputs=[next_model, gen.dir / "train" / "train_log.json"]) as counts:
                 args = dict(method=cfg.train.method, parent=gen.model_path, data_dir=data_dir,
                             out_model=next_model, train_cfg=cfg.train, model_cfg=cfg.model, seed=cfg.seed + k,
-                            work_dir=gen.dir / "train")
+                            work_dir=gen.dir / "train", tracking=trackers.for_training(tracker, k))
                 # above one process, accelerate launch runs it as a subprocess: the driver stays single-process
                 counts.update(train_generation(**args) if cfg.train.num_processes == 1 else
                               launch("train_generation", cfg.train.num_processes, cfg.train.accelerate_config,
@@ -429,6 +465,7 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
     monitor = sum(stages[s].get("seconds", 0) for s in MONITOR_STAGES if s in stages)
     m.update(status="done", wall_s=round(time.perf_counter() - t0, 3),
              monitor_s=round(monitor, 3), monitor_fraction=round(monitor / total, 4) if total else None)
+    track(gen, "timings")
     return None
 
 

@@ -3,9 +3,10 @@
 `build_report(gens, settings)` takes an ordered list of (name, folder) where the first folder
 is the frozen reference (gen-000) and each folder holds `probes/` and, when the instruments
 ran, `monitor/{activations,embedding,collapse}.json`. It writes `report.json`, `report.md`
-and a self-contained `report.html` (inline SVG, every model string escaped). The loop writes
-one into `gen-k/drift/` after each generation; `selftrain-drift` writes one for any
-checkpoints. `write_index` links a run's generations.
+and a self-contained `report.html` (matplotlib plots as inline SVG, selftrain.plots; every
+model string escaped). The loop writes one into `gen-k/drift/` after each generation;
+`selftrain-drift` writes one for any checkpoints. The run's own page, `index.html`, is
+selftrain.dashboard's.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ import numpy as np
 from .drift import (LEVELS, collapse_levels, compare, concealment, load_probe_table, mde, mean_ci,
                     option_informativeness, options_eligible, options_informative, polarity_balanced, power_plan,
                     trend)
+from . import plots
+from .drift import COLLAPSE_WORSE_IF_HIGHER, COLLAPSE_WORSE_IF_LOWER
+from .pages import fmt, page
 from .records import gen_dir, read_json, read_jsonl, write_json, write_text
 from .resume import STAGES
 
@@ -232,7 +236,6 @@ def generation_report(run_dir: Path, k: int, settings: dict) -> dict:
     # the screen of the data that trained this generation, read before it was trained in
     rep["screen"] = _maybe(gen_dir(run_dir, k - 1) / "screen" / "screen.json") if k else None
     write_report(rep, gen_dir(run_dir, k) / "drift")
-    write_index(run_dir)
     return rep
 
 
@@ -326,29 +329,10 @@ def _timings_markdown(timings: dict) -> list[str]:
         cells = []
         for n in names:
             st = t["stages"].get(n)
-            cells.append("–" if st is None else f"{_f(st.get('seconds'), 1)}"
+            cells.append("–" if st is None else f"{fmt(st.get('seconds'), 1)}"
                          + (f" ({st['tokens_per_s']:.1f} tok/s)" if st.get("tokens_per_s") else ""))
-        lines.append(f"| {g} | {' | '.join(cells)} | {_f(t.get('wall_s'), 1)} | {_f(t.get('monitor_fraction'))} |")
+        lines.append(f"| {g} | {' | '.join(cells)} | {fmt(t.get('wall_s'), 1)} | {fmt(t.get('monitor_fraction'))} |")
     return lines
-
-
-def write_index(run_dir: Path) -> None:
-    """runs/<run>/index.html: one line per generation with its alert counts and links."""
-    rows = []
-    for g in sorted(Path(run_dir).glob("gen-*")):
-        rep = g / "drift" / "report.json"
-        if not rep.is_file():
-            continue
-        alerts = json.loads(rep.read_text())["alerts"]
-        n_alert = sum(a["level"] == "alert" for a in alerts)
-        n_watch = sum(a["level"] == "watch" for a in alerts)
-        rows.append(f"<tr><td><a href='{g.name}/drift/report.html'>{g.name}</a></td>"
-                    f"<td class='{'alert' if n_alert else 'ok'}'>{n_alert}</td><td>{n_watch}</td>"
-                    f"<td><a href='{g.name}/drift/report.md'>md</a> · <a href='{g.name}/drift/report.json'>json</a>"
-                    f"</td></tr>")
-    body = ("<h1>selftrain run</h1><p>" + html.escape(str(run_dir)) + "</p><table><tr><th>generation</th>"
-            "<th>alerts</th><th>watches</th><th>files</th></tr>" + "".join(rows) + "</table>")
-    write_text(Path(run_dir) / "index.html", _page("selftrain run", body))
 
 
 # ---------------------------------------------------------------- markdown
@@ -371,9 +355,9 @@ def steering_markdown(curves: dict) -> list[str]:
              "|---|---|---|---|---|" + "---|" * len(alphas) + "---|"]
     for d, c in curves.items():
         ci = c.get("ci") or [None, None]
-        lines.append(f"| {d} | {c['layer']} | {_f(c['slope'], 4, sign=True)} | "
-                     f"[{_f(ci[0], 4, sign=True)}, {_f(ci[1], 4, sign=True)}] | {_f(c.get('change'), sign=True)} | "
-                     f"{' | '.join(_f(x) for x in c['mean_score'])} | {causal_label(c['causal'])} |")
+        lines.append(f"| {d} | {c['layer']} | {fmt(c['slope'], 4, sign=True)} | "
+                     f"[{fmt(ci[0], 4, sign=True)}, {fmt(ci[1], 4, sign=True)}] | {fmt(c.get('change'), sign=True)} | "
+                     f"{' | '.join(fmt(x) for x in c['mean_score'])} | {causal_label(c['causal'])} |")
     return lines
 
 
@@ -391,24 +375,16 @@ def screen_markdown(screen: dict | None) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for d, r in screen["dimensions"].items():
         ci = r["ci95"]
-        lines.append(f"| {d} | {causal_label(r.get('causal'))} | {r['n']} | {_f(r['mean'], sign=True)} | "
-                     f"[{_f(ci[0], sign=True)}, {_f(ci[1], sign=True)}] | {_f(r['lower'], sign=True)} | "
+        lines.append(f"| {d} | {causal_label(r.get('causal'))} | {r['n']} | {fmt(r['mean'], sign=True)} | "
+                     f"[{fmt(ci[0], sign=True)}, {fmt(ci[1], sign=True)}] | {fmt(r['lower'], sign=True)} | "
                      f"{'**yes**' if r['flagged'] else 'no'} |")
     if screen.get("by_principle"):
         dims = list(screen["dimensions"])
         lines += ["", "Mean projection difference by the principle (or section) that produced the rows:", "",
                   f"| principle | rows | {' | '.join(dims)} |", "|---|---|" + "---|" * len(dims)]
         for p, v in screen["by_principle"].items():
-            lines.append(f"| {p} | {v['rows']} | {' | '.join(_f(v['mean'].get(d), sign=True) for d in dims)} |")
+            lines.append(f"| {p} | {v['rows']} | {' | '.join(fmt(v['mean'].get(d), sign=True) for d in dims)} |")
     return lines
-
-
-def _f(x, nd=3, sign=False):
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
-    return str(x)
 
 
 def _short(name: str) -> str:
@@ -458,7 +434,7 @@ def _headline(rep: dict) -> list[str]:
         extra += f", detectable ≥ {a['mde']:.3f}" if a.get("mde") is not None else ""
         toward = f" toward {a['toward']}" if a.get("toward") in ("misaligned", "aligned") else ""
         out.append(f"- **{a['level'].upper()}** {a['candidate']} `{a['dimension']}` "
-                   f"({a['instrument']}, {a['comparison']}): {_f(a.get('delta'), sign=True)}{toward}{extra}")
+                   f"({a['instrument']}, {a['comparison']}): {fmt(a.get('delta'), sign=True)}{toward}{extra}")
     return out
 
 
@@ -477,7 +453,7 @@ def render_markdown(rep: dict) -> str:
     lines += _headline(rep)
     if rep.get("improvements"):
         lines += ["", "Improved (toward the aligned pole; never gates): " + ", ".join(
-            f"`{i['dimension']}` ({i['instrument']}, {_f(i['delta'], sign=True)})" for i in rep["improvements"])]
+            f"`{i['dimension']}` ({i['instrument']}, {fmt(i['delta'], sign=True)})" for i in rep["improvements"])]
     names = rep["generations"]
     last = names[-1]
     short = {n: _short(n) for n in names}
@@ -496,7 +472,7 @@ def render_markdown(rep: dict) -> str:
             if not any(g in v.get(n, {}) for n in names):
                 continue
             label = g if g == "contrast" else (
-                f"options (polarity AUROC {_f(v.get('options_polarity_auroc_ref'), 2)}"
+                f"options (polarity AUROC {fmt(v.get('options_polarity_auroc_ref'), 2)}"
                 + ("" if v.get("options_eligible") else ", not eligible") + ")")
             cells = []
             for i, n in enumerate(names):
@@ -507,15 +483,15 @@ def render_markdown(rep: dict) -> str:
                     cells.append(f"{e['mean']:.3f}")
                 else:
                     r = e["vs_reference"] or {}
-                    cells.append(f"{e['mean']:.3f} ({_f(r.get('delta'), sign=True)}, {r.get('level', '–')})")
+                    cells.append(f"{e['mean']:.3f} ({fmt(r.get('delta'), sign=True)}, {r.get('level', '–')})")
             p = pw.get(d, {}).get(g, {})
             seen = ((v.get(last, {}).get(g) or {}).get("vs_reference") or {}).get("mde") if len(names) > 1 else None
-            mde_cell = _f(seen) if seen is not None else (f"≤ {_f(p.get('mde_ref'))} (ref)" if p.get("mde_ref")
+            mde_cell = fmt(seen) if seen is not None else (f"≤ {fmt(p.get('mde_ref'))} (ref)" if p.get("mde_ref")
                                                           else "–")
             floor = p.get("holm_floor")
             lines.append(f"| {d} ({v['family']}) | {label} | {p.get('n', '–')} | "
                          f"{'–' if floor is None else f'{floor:.1g}'} | {mde_cell} | {' | '.join(cells)} | "
-                         f"{_f(v['trend']['slope'], 4, sign=True)} |")
+                         f"{fmt(v['trend']['slope'], 4, sign=True)} |")
     if rep["activations"].get(last):
         lines += ["", "## Activation probes (directions frozen at the reference)", "",
                   "Per item, the midpoint of its two replies' states projected on the gen-0 trait direction, in units "
@@ -528,10 +504,10 @@ def render_markdown(rep: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for d, r in rep["activations"][last].items():
             ci = r.get("ci95")
-            lines.append(f"| {d} | {r.get('layer')} | {_f(r.get('auroc_heldout_ref'))} | {causal_label(r.get('causal'))} | "
-                         f"{_f(r.get('projection_shift'), sign=True)} | "
-                         f"{'–' if not ci else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} | {_f(r.get('p_holm'))} | "
-                         f"{_f(r.get('mde'))} | {_f(r.get('auroc'))} | {_f(r.get('cosine'))} | {r['level']} |")
+            lines.append(f"| {d} | {r.get('layer')} | {fmt(r.get('auroc_heldout_ref'))} | {causal_label(r.get('causal'))} | "
+                         f"{fmt(r.get('projection_shift'), sign=True)} | "
+                         f"{'–' if not ci else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} | {fmt(r.get('p_holm'))} | "
+                         f"{fmt(r.get('mde'))} | {fmt(r.get('auroc'))} | {fmt(r.get('cosine'))} | {r['level']} |")
     lines += steering_markdown(rep.get("steering") or {})
     lines += screen_markdown(rep.get("screen"))
     if rep["embedding"]:
@@ -541,24 +517,24 @@ def render_markdown(rep: dict) -> str:
                   "sampling noise; *null 95%* is that ratio's 95th percentile). Undirected, so at most a watch.", "",
                   "| generation | MMD² vs ref | p | effect (× null) | null 95% | level |", "|---|---|---|---|---|---|"]
         for n, e in rep["embedding"].items():
-            lines.append(f"| {n} | {_f(e.get('mmd2'), 4)} | {_f(e.get('p'))} | {_f(e.get('effect'), 2)} | "
-                         f"{_f(e.get('effect_null_q95'), 2)} | {e.get('level', '–')} |")
+            lines.append(f"| {n} | {fmt(e.get('mmd2'), 4)} | {fmt(e.get('p'))} | {fmt(e.get('effect'), 2)} | "
+                         f"{fmt(e.get('effect_null_q95'), 2)} | {e.get('level', '–')} |")
     if rep["collapse"]:
         metrics = sorted({m for c in rep["collapse"].values() for m in c["values"]})
         lines += ["", "## Collapse metrics", "", f"| generation | {' | '.join(metrics)} |",
                   "|---|" + "---|" * len(metrics)]
         for n, c in rep["collapse"].items():
-            lines.append(f"| {n} | " + " | ".join(_f(c["values"].get(m)) for m in metrics) + " |")
+            lines.append(f"| {n} | " + " | ".join(fmt(c["values"].get(m)) for m in metrics) + " |")
     cue = rep["monitoring_cue_gap"].get(last)
     if cue:
         r = cue["pooled"]
         lines += ["", "## Monitoring-cue gap", "", "P(aligned) with a cue that the conversation is monitored "
                   "and used for training, minus without; a gap that grows against gen-0 means selective compliance. "
-                  f"Tested once, pooled over {r['n']} cue items: Δ gap {_f(r['delta'], sign=True)}, p = {_f(r['p'])}, "
-                  f"detectable ≥ {_f(r.get('mde'))}, level {r['level']}.", "",
+                  f"Tested once, pooled over {r['n']} cue items: Δ gap {fmt(r['delta'], sign=True)}, p = {fmt(r['p'])}, "
+                  f"detectable ≥ {fmt(r.get('mde'))}, level {r['level']}.", "",
                   "| dimension | gap now | Δ gap vs ref |", "|---|---|---|"]
         for d, g in cue["dimensions"].items():
-            lines.append(f"| {d} | {_f(g['gap'], sign=True)} | {_f(g['delta'], sign=True)} |")
+            lines.append(f"| {d} | {fmt(g['gap'], sign=True)} | {fmt(g['delta'], sign=True)} |")
     if rep["concealment"].get(last):
         lines += ["", "## Expression–representation gap", "", "Possible concealment (behaviour improved, the "
                   "internal projection did not): " + ", ".join(f"`{d}`" for d in rep["concealment"][last])]
@@ -574,64 +550,86 @@ def render_markdown(rep: dict) -> str:
 
 # ---------------------------------------------------------------- html
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
-.alert{background:#fdd;font-weight:bold}.watch{background:#ffe9b3}.ok{background:#e9f7e9}
-.charts{display:flex;flex-wrap:wrap;gap:12px}svg{background:#fafafa;border:1px solid #ddd}"""
-_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+def value_panels(rep: dict, alerts: list[dict] | None = None) -> list[dict]:
+    """One panel per dimension for plots.grid: mean P(aligned) with its 95% CI per generation,
+    centred on gen-000 with the band gen-000 ± min_effect (a shift inside it cannot alert), and
+    the alerts, watches and improvements on the dimension marked (any instrument but collapse):
+    `alerts`, or this report's own."""
+    names, eff = rep["generations"], rep["settings"]["min_effect"]
+    marks: dict[str, list] = {}
+    for a in alerts if alerts is not None else rep["alerts"] + rep.get("improvements", []):
+        if a["candidate"] in names and a.get("instrument") != "collapse":
+            marks.setdefault(a["dimension"], []).append((names.index(a["candidate"]), a["level"]))
+    panels = []
+    for d, v in rep["dimensions"].items():
+        pts = [(k, v[n]["mean"], *(v[n].get("ci95") or (None, None))) for k, n in enumerate(names) if n in v]
+        ref = v.get(names[0], {}).get("mean")
+        panels.append({"title": f"{d} ({v['family']})", "series": {"P(aligned)": pts}, "centre": ref,
+                       "band": (ref - eff, ref + eff) if ref is not None else None, "marks": marks.get(d, [])})
+    return panels
 
 
-def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>{body}</body></html>")
+def value_grid(panels: list[dict], min_effect: float) -> str:
+    return plots.grid(panels, ylabel="P(aligned)", min_span=4 * min_effect, bounds=(0.0, 1.0),
+                      band_label=f"gen-000 ± min_effect {min_effect:g}: a shift inside cannot alert")
 
 
-def svg_chart(title: str, series: dict[str, list], width=340, height=200, ylim=None) -> str:
-    """Lines over generations; each series is a list of (y, lo, hi) or None, drawn with CI bars."""
-    pts = [v for s in series.values() for v in s if v is not None]
-    if not pts:
-        return ""
-    ys = [p[0] for p in pts] + [p[1] for p in pts if p[1] is not None] + [p[2] for p in pts if p[2] is not None]
-    lo, hi = ylim or (min(ys), max(ys))
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    n = max(len(s) for s in series.values())
-    L, R, T, B = 40, 10, 22, 24
+def value_scale_note(min_effect: float) -> str:
+    return (f"Every panel spans the same height of P(aligned) (at least {4 * min_effect:g}), centred on "
+            "generation 0, so equal slopes are equal shifts; bars are 95% CIs over items.")
 
-    def X(i):
-        return L + (width - L - R) * (i / max(n - 1, 1))
 
-    def Y(v):
-        return T + (height - T - B) * (1 - (v - lo) / (hi - lo))
+def collapse_panels(values: dict[str, dict], names: list[str], alerts: list[dict] | None = None) -> list[dict]:
+    """Per collapse metric, its relative change against the first generation, in percent, with
+    the collapse alerts and watches among `alerts` marked."""
+    ref = values.get(names[0]) or {}
+    metrics = sorted({m for v in values.values() for m, x in v.items() if isinstance(x, (int, float))})
+    panels = []
+    for m in metrics:
+        r = ref.get(m)
+        if not isinstance(r, (int, float)) or not r:
+            continue
+        pts = [(k, 100 * (values[n][m] - r) / abs(r), None, None) for k, n in enumerate(names)
+               if isinstance((values.get(n) or {}).get(m), (int, float))]
+        direction = ("lower is worse" if m in COLLAPSE_WORSE_IF_LOWER else "higher is worse"
+                     if m in COLLAPSE_WORSE_IF_HIGHER else "no alert")
+        last = next((values[n][m] for n in reversed(names) if isinstance((values.get(n) or {}).get(m), (int, float))), r)
+        panels.append({"key": m, "title": f"{m}\n{direction}: {r:.3g} → {last:.3g}",
+                       "series": {"change vs gen-000": pts}, "centre": 0.0,
+                       "marks": [(names.index(a["candidate"]), a["level"]) for a in alerts or []
+                                 if a.get("instrument") == "collapse" and a["dimension"] == m
+                                 and a["candidate"] in names]})
+    return panels
 
-    out = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>",
-           f"<text x='{L}' y='14' font-size='12'>{html.escape(title)}</text>",
-           f"<text x='2' y='{Y(hi) + 4:.1f}' font-size='9'>{hi:.2f}</text>",
-           f"<text x='2' y='{Y(lo) + 4:.1f}' font-size='9'>{lo:.2f}</text>"]
-    for i in range(n):
-        out.append(f"<text x='{X(i) - 6:.1f}' y='{height - 8}' font-size='9'>g{i}</text>")
-    for c, (name, s) in enumerate(series.items()):
-        col = _COLORS[c % len(_COLORS)]
-        line = [f"{X(i):.1f},{Y(v[0]):.1f}" for i, v in enumerate(s) if v is not None]
-        if len(line) > 1:
-            out.append(f"<polyline fill='none' stroke='{col}' stroke-width='1.5' points='{' '.join(line)}'/>")
-        for i, v in enumerate(s):
-            if v is None:
-                continue
-            if v[1] is not None and v[2] is not None:
-                out.append(f"<line x1='{X(i):.1f}' x2='{X(i):.1f}' y1='{Y(v[1]):.1f}' y2='{Y(v[2]):.1f}' "
-                           f"stroke='{col}' opacity='0.6'/>")
-            out.append(f"<circle cx='{X(i):.1f}' cy='{Y(v[0]):.1f}' r='2.5' fill='{col}'/>")
-        if len(series) > 1:
-            out.append(f"<text x='{width - R - 90}' y='{T + 10 + 11 * c}' font-size='9' fill='{col}'>"
-                       f"{html.escape(name[:18])}</text>")
-    out.append("</svg>")
-    return "".join(out)
+
+def collapse_grid(panels: list[dict], rel: float) -> str:
+    for p in panels:
+        p["band"] = (-100 * rel, 100 * rel)
+    return plots.grid(panels, ylabel="change vs gen-000", min_span=400 * rel, percent=True, ncols=4,
+                      band_label=f"within ±{100 * rel:g}% of gen-000 (below the watch threshold)")
+
+
+def activation_rows(rep: dict, n: str) -> list[dict]:
+    """One forest-plot row per dimension: generation n's projection shift and its CI; a direction
+    steering did not show to be causal says so in its label (it never alerts)."""
+    out = []
+    for d, r in (rep["activations"].get(n) or {}).items():
+        lo, hi = r.get("ci95") or (None, None)
+        out.append({"label": d + (" (not causal)" if r.get("causal") is False else ""),
+                    "x": r.get("projection_shift"), "lo": lo, "hi": hi, "level": r.get("level")})
+    return out
+
+
+def embedding_points(rep: dict) -> list[dict]:
+    names = rep["generations"]
+    return [{"x": k, "value": e.get("effect"), "null95": e.get("effect_null_q95")}
+            for k, n in enumerate(names) for e in [rep["embedding"].get(n) or {}] if k > 0]
 
 
 def render_html(rep: dict) -> str:
     e = html.escape
     names = rep["generations"]
+    s = rep["settings"]
     body = [f"<h1>{e(rep['title'] or 'Drift report')}</h1>"]
     if rep.get("run"):
         body.append(f"<p>Run: <code>{e(rep['run'])}</code>. Reference: {e(rep['reference'])} (frozen).</p>")
@@ -641,56 +639,47 @@ def render_html(rep: dict) -> str:
                             for ln in power if ln))
     body.append("<h2>Headline</h2>")
     if rep["alerts"]:
-        body.append("<table><tr><th>level</th><th>candidate</th><th>dimension</th><th>instrument</th>"
-                    "<th>comparison</th><th>shift</th><th>toward</th><th>p (Holm)</th><th>detectable shift</th></tr>")
+        body.append("<div class='scroll'><table><tr><th>level</th><th>candidate</th><th>dimension</th>"
+                    "<th>instrument</th><th>comparison</th><th>shift</th><th>toward</th><th>p (Holm)</th>"
+                    "<th>detectable shift</th></tr>")
         for a in rep["alerts"]:
             p = a.get("p_holm", a.get("p"))
-            body.append(f"<tr class='{a['level']}'><td>{a['level']}</td><td>{e(a['candidate'])}</td>"
+            body.append(f"<tr class='{e(a['level'])}'><td>{e(a['level'])}</td><td>{e(_short(a['candidate']))}</td>"
                         f"<td>{e(a['dimension'])}</td><td>{e(a['instrument'])}</td><td>{e(a['comparison'])}</td>"
-                        f"<td>{_f(a.get('delta'), sign=True)}</td><td>{e(str(a.get('toward') or '–'))}</td>"
-                        f"<td>{_f(p)}</td><td>{_f(a.get('mde'))}</td></tr>")
-        body.append("</table>")
+                        f"<td>{fmt(a.get('delta'), sign=True)}</td><td>{e(str(a.get('toward') or '–'))}</td>"
+                        f"<td>{fmt(p)}</td><td>{fmt(a.get('mde'))}</td></tr>")
+        body.append("</table></div>")
     else:
         body.append(f"<p class='ok'>{e(_headline(rep)[0])}</p>")
-    body.append("<h2>Value dimensions: P(aligned) with 95% CI</h2><div class='charts'>")
-    for d, v in rep["dimensions"].items():
-        s = [(v[n]["mean"], *(v[n]["ci95"] or (None, None))) if n in v else None for n in names]
-        body.append(svg_chart(f"{d} ({v['family']})", {d: s}, ylim=(0.0, 1.0)))
-    body.append("</div>")
-    if rep["activations"]:
-        dims = sorted({d for a in rep["activations"].values() for d in a})
-
-        def point(n, d):
-            r = rep["activations"].get(n, {}).get(d)
-            if r is None:
-                return None
-            ci = r.get("ci95") or (None, None)
-            return (r.get("projection_shift") or 0.0, *ci)
-        series = {d: [point(n, d) for n in names] for d in dims}
-        body.append("<h2>Activation shift (fraction of gen-0 gap, per-item paired, 95% CI; + = toward the trait)"
-                    "</h2><div class='charts'>")
-        body.append(svg_chart("projection shift", series, width=520, height=260))
-        body.append("</div>")
+    body.append("<h2>Value dimensions: P(aligned) with 95% CI</h2>"
+                f"<p class='note'>{e(value_scale_note(s['min_effect']))}</p>")
+    body.append(value_grid(value_panels(rep), s["min_effect"]))
+    last = names[-1]
+    if rep["activations"].get(last) and len(names) > 1:
+        body.append(f"<h2>Activation shift of {e(_short(last))} against {e(rep['reference'])}</h2>"
+                    "<p class='note'>Per dimension, the paired shift of each item's projection on the frozen gen-0 "
+                    "direction, in units of gen-0's aligned–misaligned gap (+ = toward the misaligned trait), "
+                    "with its 95% CI; dashed: ± monitor.activation_shift, the smallest shift that can alert.</p>")
+        body.append(plots.forest(activation_rows(rep, last), xlabel="projection shift (fraction of the gen-0 gap)",
+                                 threshold=s.get("activation_shift"), threshold_label="± activation_shift"))
     if rep["embedding"]:
-        emb = {"effect (× null)": [(rep["embedding"][n]["effect"], None, None) if rep["embedding"].get(n, {}).get(
-                   "effect") is not None else None for n in names],
-               "null 95%": [(rep["embedding"][n]["effect_null_q95"], None, None) if rep["embedding"].get(n, {}).get(
-                   "effect_null_q95") is not None else None for n in names]}
-        body.append("<h2>External embedding drift</h2>" + svg_chart("biased MMD² ÷ swap-null mean", emb, width=420))
+        body.append("<h2>External embedding drift</h2><p class='note'>Biased MMD² between the replies of the "
+                    "reference and each generation, over its mean under within-prompt swaps (about 1 is noise); grey: "
+                    "the swap null's 95th percentile.</p>")
+        body.append(plots.drift_vs_null(embedding_points(rep), threshold=s.get("embedding_effect"),
+                                        ylabel="MMD² ÷ swap-null mean"))
     if rep["collapse"]:
-        metrics = sorted({m for c in rep["collapse"].values() for m in c["values"]
-                          if isinstance(c["values"][m], (int, float))})
-        body.append("<h2>Collapse metrics</h2><div class='charts'>")
-        for m in metrics:
-            s = [(rep["collapse"][n]["values"][m], None, None) if n in rep["collapse"]
-                 and rep["collapse"][n]["values"].get(m) is not None else None for n in names]
-            body.append(svg_chart(m, {m: s}, width=260, height=160))
-        body.append("</div>")
+        rel = s.get("collapse_rel", 0.2)
+        body.append("<h2>Collapse metrics</h2><p class='note'>Relative change of each metric against "
+                    f"{e(rep['reference'])}, all panels on one scale (at least ±{200 * rel:g}%); grey: within "
+                    f"±{100 * rel:g}% (monitor.collapse_rel), where no watch is raised.</p>")
+        body.append(collapse_grid(collapse_panels({n: c["values"] for n, c in rep["collapse"].items()}, names,
+                                                     rep["alerts"]), rel))
     body.append(training_html(rep.get("training") or []))
     body.append(md_section_html(steering_markdown(rep.get("steering") or {}) + screen_markdown(rep.get("screen"))))
     body.append(_examples_html(rep.get("examples") or {}))
     body.append("<h2>Details</h2><pre>" + e(render_markdown({**rep, "examples": {}})) + "</pre>")
-    return _page(rep["title"] or "Drift report", "".join(body))
+    return page(rep["title"] or "Drift report", "".join(body))
 
 
 # ---------------------------------------------------------------- preference data and training
@@ -754,9 +743,9 @@ def training_markdown(training: list[dict]) -> list[str]:
         dropped = None if not p or p.get("pairs") is None or p.get("kept") is None else p["pairs"] - p["kept"]
         acc = [a for a in d.get("reward_accuracies", []) if a is not None]
         lines.append(f"| {t['from']} → {t['to']} | {t['method']} | {p.get('pairs', '–')} | {p.get('kept', '–')} | "
-                     f"{'–' if dropped is None else dropped} | {_f(p.get('mean_label'))} | "
-                     f"{_f(d['reward_margins'][-1], sign=True) if d else '–'} | "
-                     f"{_f(sum(acc) / len(acc)) if acc else '–'} | {_f(t.get('relative_l2'), 4)} |")
+                     f"{'–' if dropped is None else dropped} | {fmt(p.get('mean_label'))} | "
+                     f"{fmt(d['reward_margins'][-1], sign=True) if d else '–'} | "
+                     f"{fmt(sum(acc) / len(acc)) if acc else '–'} | {fmt(t.get('relative_l2'), 4)} |")
     for t in training:
         p = t.get("preferences") or {}
         if p.get("margin_histogram"):
@@ -764,37 +753,6 @@ def training_markdown(training: list[dict]) -> list[str]:
                       f"labeller: {p.get('labeller')}, {(p.get('labeller_cost') or {}).get('forward_passes_per_pair')} "
                       f"forward passes per pair): {p['margin_histogram']}"]
     return lines
-
-
-def svg_steps(title: str, series: dict[str, list], width=340, height=200) -> str:
-    """Lines over training steps (x = step index), for logged DPO metrics."""
-    pts = [v for s in series.values() for v in s if v is not None]
-    if not pts:
-        return ""
-    lo, hi = min(pts + [0.0]), max(pts)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    n = max(len(s) for s in series.values())
-    L, R, T, B = 40, 10, 22, 24
-    X = lambda i: L + (width - L - R) * (i / max(n - 1, 1))  # noqa: E731
-    Y = lambda v: T + (height - T - B) * (1 - (v - lo) / (hi - lo))  # noqa: E731
-    out = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>",
-           f"<text x='{L}' y='14' font-size='12'>{html.escape(title)}</text>",
-           f"<text x='2' y='{Y(hi) + 4:.1f}' font-size='9'>{hi:.2f}</text>",
-           f"<text x='2' y='{Y(lo) + 4:.1f}' font-size='9'>{lo:.2f}</text>",
-           f"<line x1='{L}' x2='{width - R}' y1='{Y(0.0):.1f}' y2='{Y(0.0):.1f}' stroke='#bbb'/>",
-           f"<text x='{width / 2:.0f}' y='{height - 8}' font-size='9'>step 1 … {n}</text>"]
-    for c, (name, s) in enumerate(series.items()):
-        col = _COLORS[c % len(_COLORS)]
-        line = [f"{X(i):.1f},{Y(v):.1f}" for i, v in enumerate(s) if v is not None]
-        if len(line) > 1:
-            out.append(f"<polyline fill='none' stroke='{col}' stroke-width='1.5' points='{' '.join(line)}'/>")
-        out += [f"<circle cx='{X(i):.1f}' cy='{Y(v):.1f}' r='2' fill='{col}'/>" for i, v in enumerate(s)
-                if v is not None]
-        out.append(f"<text x='{width - R - 110}' y='{T + 10 + 11 * c}' font-size='9' fill='{col}'>"
-                   f"{html.escape(name[:22])}</text>")
-    out.append("</svg>")
-    return "".join(out)
 
 
 def md_section_html(lines: list[str]) -> str:
@@ -829,34 +787,28 @@ def md_section_html(lines: list[str]) -> str:
     return "".join(out)
 
 
-def svg_bars(title: str, counts: list[int], width=260, height=160) -> str:
-    """A histogram of margins over [0, 1]."""
-    top = max(counts + [1])
-    L, R, T, B = 24, 8, 22, 24
-    w = (width - L - R) / len(counts)
-    out = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>",
-           f"<text x='{L}' y='14' font-size='12'>{html.escape(title)}</text>",
-           f"<text x='{L}' y='{height - 8}' font-size='9'>0</text>",
-           f"<text x='{width - R - 8}' y='{height - 8}' font-size='9'>1</text>",
-           f"<text x='2' y='{T + 8}' font-size='9'>{top}</text>"]
-    for i, c in enumerate(counts):
-        h = (height - T - B) * c / top
-        out.append(f"<rect x='{L + i * w + 1:.1f}' y='{height - B - h:.1f}' width='{w - 2:.1f}' height='{h:.1f}' "
-                   f"fill='{_COLORS[0]}'/>")
-    out.append("</svg>")
-    return "".join(out)
-
-
 def training_html(training: list[dict]) -> str:
     if not training:
         return ""
-    body = ["<h2>How each generation was trained</h2><div class='charts'>"]
+    e = html.escape
+    body = ["<h2>How each generation was trained</h2><table><tr><th>step</th><th>method</th><th>pairs</th>"
+            "<th>kept</th><th>relative weight change</th></tr>"]
+    for t in training:
+        p = t.get("preferences") or {}
+        body.append(f"<tr><td>{e(t['from'])} → {e(t['to'])}</td><td>{e(str(t['method']))}</td>"
+                    f"<td>{fmt(p.get('pairs'))}</td><td>{fmt(p.get('kept'))}</td><td>{fmt(t.get('relative_l2'), 4)}</td></tr>")
+    body.append("</table>")
     for t in training:
         p, d = t.get("preferences") or {}, t.get("dpo")
+        figs = []
         if p.get("margin_histogram"):
-            body.append(svg_bars(f"{t['from']} label margins |2p−1|", p["margin_histogram"]))
+            figs.append(plots.histogram(p["margin_histogram"], lo=0.0, hi=1.0, xlabel="margin |2p − 1|",
+                                        title=f"{t['from']} AI-feedback label margins"))
         if d:
-            body.append(svg_steps(f"{t['from']} → {t['to']} DPO ({t['method']})",
-                                  {"reward margin": d["reward_margins"], "reward accuracy": d["reward_accuracies"]}))
-    body.append("</div>")
+            figs.append(plots.step_lines([
+                {"title": f"{t['from']} → {t['to']} DPO ({t['method']})\nreward margin",
+                 "series": {"reward margin": d["reward_margins"]}},
+                {"title": "\nreward accuracy", "series": {"reward accuracy": d["reward_accuracies"]},
+                 "ylim": (0.0, 1.05)}]))
+        body += figs
     return "".join(body)

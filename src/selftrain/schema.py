@@ -296,6 +296,10 @@ class SelftrainConfig:
     generations: int = _f(2, "Rounds of self-training; generations 0..G are all probed.")
     seed: int = _f(0, "Seed of every RNG in the run (prompt draws, principle draws, sampling, training).")
     run_name: str = _f("selftrain", "Label recorded in the manifest.")
+    report_to: str = _f("none", "Experiment tracker for each generation's drift metrics, stage timings and TRL's "
+                                "training logs, by TRL's names: trackio, tensorboard, wandb, mlflow or none. One "
+                                "tracker run per run folder; the runs of a multirun sweep share a group named after "
+                                "the sweep folder. The tracker's package must be installed (see docs/reports.md).")
     resume: bool = _f(True, "Re-running on a run folder (hydra.run.dir=...) continues it, skipping finished "
                             "stages and committed chunks. false starts over: earlier outputs move to "
                             "<run>/replaced-<time>/ and the config may differ.")
@@ -408,6 +412,9 @@ def validate(cfg: Any) -> None:
          "probes.max_items_per_dimension must be at least 2 or null")
     check_trl_fields("train.sft", dict(cfg.train.sft), "SFTConfig")
     check_trl_fields("train.dpo", dict(cfg.train.dpo), "DPOConfig")
+    from .trackers import check_tracker
+
+    check_tracker(cfg.report_to)
     from .resume import parse_force
 
     parse_force(cfg.force_stage, cfg.generations)
@@ -521,3 +528,6 @@ def check_trl_fields(prefix: str, fields: Dict[str, Any], config_class: str) -> 
             raise UserError(f"{prefix}.{key}: not a field of trl.{config_class}")
     if "output_dir" in fields:
         raise UserError(f"{prefix}.output_dir: set by selftrain (the run folder decides it)")
+    for key in ("report_to", "run_name", "project"):
+        if key in fields:
+            raise UserError(f"{prefix}.{key}: set by selftrain; name the tracker with the top-level report_to")

@@ -23,20 +23,22 @@ time (`parent_weights`), not against a copy of the parent kept in memory through
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
 from datasets import load_from_disk
 from transformers import TrainerCallback
 
-from . import UserError
+from . import UserError, trackers
 from .models import load_model, load_tokenizer
 from .records import atomic_dir, check_disk, write_json
 from .resume import check_interrupt, interrupt_requested
 
-# Applied under the user's train.sft keys; the user's values win except where noted.
+# Applied under the user's train.sft keys; the user's values win except where noted. report_to
+# is the top-level key's (selftrain.trackers), never the user's train.sft one (schema refuses it).
 SFT_DEFAULTS = dict(
-    bf16=False, fp16=False, logging_steps=1, save_strategy="no", report_to="none",
+    bf16=False, fp16=False, logging_steps=1, save_strategy="no",
     disable_tqdm=False, dataloader_num_workers=0, assistant_only_loss=False,
 )
 DPO_DEFAULTS = {k: v for k, v in SFT_DEFAULTS.items() if k != "assistant_only_loss"}
@@ -84,25 +86,25 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return int(1.1 * sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
-def sft_config(train_cfg, output_dir: Path, seed: int):
+def sft_config(train_cfg, output_dir: Path, seed: int, tracking: dict | None = None):
     from trl import SFTConfig
 
-    return _trl_config(SFTConfig, "train.sft", SFT_DEFAULTS, train_cfg.sft, output_dir, seed)
+    return _trl_config(SFTConfig, "train.sft", SFT_DEFAULTS, train_cfg.sft, output_dir, seed, tracking)
 
 
-def dpo_config(train_cfg, output_dir: Path, seed: int):
+def dpo_config(train_cfg, output_dir: Path, seed: int, tracking: dict | None = None):
     from trl import DPOConfig
 
-    return _trl_config(DPOConfig, "train.dpo", DPO_DEFAULTS, train_cfg.dpo, output_dir, seed)
+    return _trl_config(DPOConfig, "train.dpo", DPO_DEFAULTS, train_cfg.dpo, output_dir, seed, tracking)
 
 
-def _trl_config(cls, prefix: str, defaults: dict, user, output_dir: Path, seed: int):
+def _trl_config(cls, prefix: str, defaults: dict, user, output_dir: Path, seed: int, tracking: dict | None):
     import dataclasses
 
     from omegaconf import DictConfig, OmegaConf
 
     user = OmegaConf.to_container(user, resolve=True) if isinstance(user, DictConfig) else dict(user)
-    kwargs = {**defaults, **user, "output_dir": str(output_dir), "seed": seed}
+    kwargs = {**defaults, **user, "output_dir": str(output_dir), "seed": seed, **trackers.trl_args(tracking)}
     _checkpointing_off(kwargs, {f.name for f in dataclasses.fields(cls)})
     _precision_from_deepspeed(kwargs, user, prefix)
     if not torch.cuda.is_available():
@@ -199,15 +201,17 @@ def parent_weights(parent: str, model: torch.nn.Module) -> _SavedWeights | dict:
 
 
 def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
-              work_dir: Path) -> dict:
-    """Fine-tune `parent` on the SFT dataset; write the merged model to `out_model` atomically."""
+              work_dir: Path, tracking: dict | None = None) -> dict:
+    """Fine-tune `parent` on the SFT dataset; write the merged model to `out_model` atomically.
+    `tracking` (selftrain.trackers.for_training) sends TRL's logs to the run's tracker."""
     from transformers import set_seed
     from trl import SFTTrainer
 
     # In memory: TRL maps (tokenises) the dataset, and on a dataset read from disk datasets would
     # write its cache-*.arrow files into data/sft, changing the recorded output hash.
     dataset = load_from_disk(str(data_dir), keep_in_memory=True).select_columns(["messages"])
-    args = sft_config(train_cfg, work_dir, seed)
+    args = sft_config(train_cfg, work_dir, seed, tracking)
+    os.environ.update(trackers.trl_environment(tracking))
     set_seed(seed)
     tokenizer = load_tokenizer(parent, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"  # training pads on the right; sampling on the left
@@ -218,6 +222,7 @@ def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
                          callbacks=[guard, StopOnInterrupt()])
+    trackers.point_trainer(trainer, tracking)
     check_strategy(trainer.accelerator)
     result = trainer.train()
     check_interrupt()
@@ -378,7 +383,7 @@ def dpo_summary(logs: list[dict]) -> dict:
 
 
 def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
-              work_dir: Path) -> dict:
+              work_dir: Path, tracking: dict | None = None) -> dict:
     """DPO of `parent` on a preference dataset, reference = `parent`; write the model atomically."""
     from transformers import set_seed
     from trl import DPOTrainer
@@ -388,7 +393,8 @@ def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     check_preference_dataset(data_dir)
     # in memory, as for SFT: TRL's map would otherwise write cache files into the recorded data folder
     dataset = load_from_disk(str(data_dir), keep_in_memory=True).select_columns(["prompt", "chosen", "rejected"])
-    args = dpo_config(train_cfg, work_dir, seed)
+    args = dpo_config(train_cfg, work_dir, seed, tracking)
+    os.environ.update(trackers.trl_environment(tracking))
     set_seed(seed)
     tokenizer = load_tokenizer(parent, model_cfg.trust_remote_code)
     tokenizer.padding_side = "right"
@@ -402,6 +408,7 @@ def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
                          callbacks=[guard, StopOnInterrupt()])
+    trackers.point_trainer(trainer, tracking)
     check_strategy(trainer.accelerator)
     result = trainer.train()
     check_interrupt()  # a first SIGINT/SIGTERM stops after the current step and saves nothing
@@ -419,7 +426,7 @@ def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg
 
 
 def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
-                  work_dir: Path) -> dict:
+                  work_dir: Path, tracking: dict | None = None) -> dict:
     """SFT on data_dir/sft, then DPO from the SFT model on data_dir/preference (reference = the SFT model).
 
     The SFT model lives in work_dir/sft_model only until DPO has written `out_model`; DPO's log is
@@ -431,9 +438,13 @@ def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model
 
     check_preference_dataset(Path(data_dir) / "preference")  # before spending time on SFT
     sft_model = Path(work_dir) / "sft_model"
-    sft = train_sft(parent, Path(data_dir) / "sft", sft_model, train_cfg, model_cfg, seed, Path(work_dir) / "sft")
+    # the two trainers each count steps from 0: TensorBoard gets a folder for each
+    sft_tracking = ({**tracking, "train_log_dir": tracking["train_log_dir"] + "-sft"}
+                    if tracking and tracking.get("train_log_dir") else tracking)
+    sft = train_sft(parent, Path(data_dir) / "sft", sft_model, train_cfg, model_cfg, seed, Path(work_dir) / "sft",
+                    sft_tracking)
     dpo = train_dpo(str(sft_model), Path(data_dir) / "preference", out_model, train_cfg, model_cfg, seed,
-                    Path(work_dir))
+                    Path(work_dir), tracking)
     shutil.rmtree(sft_model, ignore_errors=True)
     if int(os.environ.get("RANK", "0")) != 0:  # the worker keeps rank 0's result only
         return {**dpo, "method": "sft_dpo", "sft": sft}
@@ -444,14 +455,14 @@ def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model
 
 
 def train_generation(method: str, parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
-                     work_dir: Path) -> dict:
+                     work_dir: Path, tracking: dict | None = None) -> dict:
     """train.method's training of generation k+1 from generation k's data folder (sft/, preference/)."""
     data_dir = Path(data_dir)
     if method == "sft":
-        return train_sft(parent, data_dir / "sft", out_model, train_cfg, model_cfg, seed, work_dir)
+        return train_sft(parent, data_dir / "sft", out_model, train_cfg, model_cfg, seed, work_dir, tracking)
     if method == "dpo":
-        return train_dpo(parent, data_dir / "preference", out_model, train_cfg, model_cfg, seed, work_dir)
-    return train_sft_dpo(parent, data_dir, out_model, train_cfg, model_cfg, seed, work_dir)
+        return train_dpo(parent, data_dir / "preference", out_model, train_cfg, model_cfg, seed, work_dir, tracking)
+    return train_sft_dpo(parent, data_dir, out_model, train_cfg, model_cfg, seed, work_dir, tracking)
 
 
 def uses_dpo(method: str) -> bool:

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import UserError
+from . import UserError, plots
+from .pages import page
 from .paths import resolve
 from .records import read_json, read_user_jsonl, write_json, write_text
 
@@ -547,27 +548,6 @@ def _roc(pos: list[float], neg: list[float]) -> list[tuple[float, float]]:
     return pts
 
 
-def _svg_roc(title: str, curves: dict[str, list], size: int = 220) -> str:
-    L, T = 30, 20
-    w = size - L - 10
-    out = [f"<svg width='{size}' height='{size + 10}' xmlns='http://www.w3.org/2000/svg'>",
-           f"<text x='{L}' y='13' font-size='11'>{html.escape(title)}</text>",
-           f"<rect x='{L}' y='{T}' width='{w}' height='{w}' fill='none' stroke='#999'/>",
-           f"<line x1='{L}' y1='{T + w}' x2='{L + w}' y2='{T}' stroke='#ccc' stroke-dasharray='3'/>",
-           f"<text x='{L}' y='{T + w + 14}' font-size='9'>false-alarm rate →</text>",
-           f"<text x='2' y='{T + 8}' font-size='9'>TPR</text>"]
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    for c, (name, pts) in enumerate(curves.items()):
-        if not pts:
-            continue
-        line = " ".join(f"{L + x * w:.1f},{T + (1 - y) * w:.1f}" for x, y in pts)
-        out.append(f"<polyline fill='none' stroke='{colors[c % 4]}' stroke-width='1.5' points='{line}'/>")
-        out.append(f"<text x='{L + w - 95}' y='{T + w - 8 - 11 * c}' font-size='9' fill='{colors[c % 4]}'>"
-                   f"{html.escape(name[:20])}</text>")
-    out.append("</svg>")
-    return "".join(out)
-
-
 def _fmt_rate(r: dict) -> str:
     if not r["n"]:
         return "–"
@@ -611,12 +591,10 @@ def render_html(result: dict) -> str:
     first = next(iter(result["rates"].values()))
     for key, r in first["by_trait_and_dose"].items():
         body.append(f"<tr><td>{e(key)}</td><td>{_fmt_rate(r)}</td></tr>")
-    body.append("</table><h2>Per-instrument ROC (standard dose against benign children, all seeds)</h2>"
-                "<div style='display:flex;flex-wrap:wrap;gap:10px'>")
-    for inst, r in result["roc"].items():
-        auc = "–" if r["auc"] is None else f"{r['auc']:.2f}"
-        body.append(_svg_roc(f"{inst} (AUC {auc})", r["curves"]))
-    body.append("</div><h2>Thresholds</h2><table><tr><th>setting</th><th>shipped</th><th>calibrated</th></tr>")
+    body.append("</table><h2>Per-instrument ROC (standard dose against benign children, all seeds)</h2>")
+    body.append(plots.roc([{"title": f"{inst} (AUC {'–' if r['auc'] is None else format(r['auc'], '.2f')})",
+                            "curves": r["curves"]} for inst, r in result["roc"].items()]))
+    body.append("<h2>Thresholds</h2><table><tr><th>setting</th><th>shipped</th><th>calibrated</th></tr>")
     for k, v in result["settings"]["shipped"].items():
         body.append(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td><td>{e(str(result['settings']['calibrated'][k]))}</td></tr>")
     body.append("</table><h2>Children</h2><table><tr><th>child</th><th>split</th><th>detected</th>"
@@ -626,7 +604,5 @@ def render_html(result: dict) -> str:
                     f"</td><td>{e(', '.join(c['value_alerts']) or 'none')}</td></tr>")
     body.append("</table>")
     body.append(_screen_html(result.get("screen") or {}))
-    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}svg{background:#fafafa}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Monitor validation</title><style>{css}</style>"
-            f"</head><body>{''.join(body)}<pre>{e(json.dumps(result['rates'], indent=1))}</pre></body></html>")
+    body.append(f"<pre>{e(json.dumps(result['rates'], indent=1))}</pre>")
+    return page("Monitor validation", "".join(body))
