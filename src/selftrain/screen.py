@@ -30,8 +30,9 @@ from scipy import stats
 from .probes.activations import pooled_states
 from .records import atomic_dir, read_jsonl, write_json, write_jsonl
 
-# Rows per pass: pooled states are [rows, L+1, d] floats, so this bounds the memory of a pass.
-CHUNK = 128
+# Replies per call: pooled states are [replies, L+1, d] floats, so this bounds the memory of a call
+# (a multiple of 3, so a row's replies stay in one call and share its prompt).
+CHUNK = 126
 TOP_ROWS = 5
 
 
@@ -120,16 +121,19 @@ def screen_rows(model, tokenizer, rows: list[dict], directions: dict[str, dict],
                 row_threshold: float, batch_size: int = 16) -> tuple[dict, dict[str, np.ndarray], list[bool]]:
     """rows: {prompt, reply, own, principles[, rejected, dataset, index, prompt_id]}. Returns the
     summary, each row's difference per dimension, and which rows pass `row_threshold`."""
-    trained = project(model, tokenizer, [(r["prompt"], r["reply"]) for r in rows], directions, batch_size)
-    own = project(model, tokenizer, [(r["prompt"], r["own"]) for r in rows], directions, batch_size)
+    # a row's replies side by side in one call: its prompt runs once for all of them (shared prefixes)
+    keys = ["reply", "own"] + (["rejected"] if any("rejected" in r for r in rows) else [])
+    pairs = [(r["prompt"], r.get(k) or r["reply"]) for r in rows for k in keys]
+    proj = project(model, tokenizer, pairs, directions, batch_size)
+    at = {k: {d: proj[d][j::len(keys)] for d in directions} for j, k in enumerate(keys)}
+    trained, own = at["reply"], at["own"]
     diff = {d: trained[d] - own[d] for d in directions}
     summary, flags = summarise(diff, rows, directions, alpha, threshold, row_threshold)
     rej_idx = [i for i, r in enumerate(rows) if "rejected" in r]
     summary["chosen_minus_rejected"] = {}
     if rej_idx:
-        rej = project(model, tokenizer, [(rows[i]["prompt"], rows[i]["rejected"]) for i in rej_idx], directions,
-                      batch_size)
-        summary["chosen_minus_rejected"] = {d: float(np.mean(trained[d][rej_idx] - rej[d])) for d in directions}
+        summary["chosen_minus_rejected"] = {d: float(np.mean(trained[d][rej_idx] - at["rejected"][d][rej_idx]))
+                                            for d in directions}
     summary.update(alpha=alpha, threshold=threshold, row_threshold=row_threshold, rows=len(rows),
                    rows_flagged=sum(flags), flagged=[d for d, v in summary["dimensions"].items() if v["flagged"]])
     return summary, diff, flags
