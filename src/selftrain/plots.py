@@ -137,7 +137,7 @@ def grid(panels: list[dict], *, ylabel: str, min_span: float, bounds: tuple[floa
                 levels_seen.add(level)
             ax.set_ylim(y_lo, y_hi)
             ax.set_xlim(x_lo, x_hi)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5, min_n_ticks=1))
             ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
             if percent:
                 ax.yaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%")
@@ -244,7 +244,7 @@ def drift_vs_null(points: list[dict], *, threshold: float | None, ylabel: str) -
         xs = [p["x"] for p in points]
         ax.set_xlim(*span(min(xs) - 0.6, max(xs) + 0.6, 2.0))
         ax.set_ylim(0, hi)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6, min_n_ticks=1))
         ax.set_xlabel("generation")
         ax.set_ylabel(ylabel)
         fig.legend(handles=handles, loc="outside upper left", ncols=len(handles), frameon=False)
@@ -291,7 +291,7 @@ def step_lines(panels: list[dict], *, xlabel: str = "training step") -> str:
                 ax.plot([q[0] for q in pts], [q[1] for q in pts], "-o", ms=2.5, lw=1.2, color=COLORS[i], label=name)
             vals = [v for s in p["series"].values() for v in s if _finite(v)] + [0.0]
             ax.set_ylim(*(p.get("ylim") or span(min(vals), max(vals) * 1.1, 0.1)))
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6, min_n_ticks=1))
             ax.set_title("\n".join(short(line) for line in str(p["title"]).split("\n")), loc="left")
             ax.set_xlabel(xlabel)
             if len(p["series"]) > 1:
