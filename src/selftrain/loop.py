@@ -378,6 +378,7 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
             return gate
 
     if not last:
+        directions = _screen_directions(cfg, run_dir)  # the frozen gen-000 directions the screen reads
         sampler = LazySampler(lambda: _sampler(cfg, gen))
         chunks = gen.dir / ".chunks"
         if gen.todo("sample"):
@@ -404,8 +405,7 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
                               sampler=sampler.describe(), **sampler.take_stats())
         shutil.rmtree(chunks, ignore_errors=True)
         close_sampler(sampler)
-        screening = _screen_directions(cfg, run_dir) is not None and not m.stage_done("screen")
-        if not screening:  # the screen reads model k's states: keep it loaded for that
+        if directions is None or m.stage_done("screen"):  # else the screen reads model k's states: keep it loaded
             gen.release()
         if _revisions_used(cfg) and gen.todo("data"):
             # with a label stage, data/preference is that stage's output (it replaces the revision pairs)
@@ -421,7 +421,6 @@ def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_t
             with m.stage("label", outputs=[gen.dir / "data" / "preference"],
                          optional=[gen.dir / "preferences.jsonl"]) as counts:
                 counts.update(_label(cfg, gen, constitution))
-        directions = _screen_directions(cfg, run_dir)
         if directions is not None and gen.todo("screen"):
             with m.stage("screen", outputs=[gen.dir / "screen"]) as counts:
                 model, tok = gen.model()
