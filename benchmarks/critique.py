@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 from selftrain.constitution import Constitution
-from selftrain.critique import critique_revise
-from selftrain.sample import HFSampler, SamplingParams, sample_stage
+from selftrain.stages.critique import critique_revise
+from selftrain.engines.hf import HFSampler, SamplingParams, sample_stage
 
 from .common import median, rate, ratio
 

@@ -65,7 +65,7 @@ def bench(model_path: str, rounds: int = 2) -> dict:
 
     from benchmarks import common, sampling
     from selftrain.models import load_model, load_tokenizer
-    from selftrain.sample import SamplingParams
+    from selftrain.engines.hf import SamplingParams
 
     model, tok = load_model(model_path, device="auto"), load_tokenizer(model_path)
     res = {"device": str(model.device)}
@@ -93,8 +93,8 @@ def probes(model_path: str) -> dict:
     import numpy as np
 
     from selftrain.models import load_model, load_tokenizer
-    from selftrain.probes.behavioural import score_suite
-    from selftrain.probes.suites import load_suite
+    from selftrain.monitor.behavioural import score_suite
+    from selftrain.monitor.suites import load_suite
 
     tok = load_tokenizer(model_path)
     suite = load_suite("builtin:probes/suites/default").select(None, 6)

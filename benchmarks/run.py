@@ -22,7 +22,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from selftrain.resume import STAGES
+from selftrain.run.resume import STAGES
 
 SECTIONS = ("hardware", "sampling", "critique", "sft", "smoke")
 # Small budgets for --quick's smoke run (the tests' tiny-model settings)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = common.prompts(max(sizes.prompts, sizes.critique_prompts))
 
     def save():
-        from selftrain.records import write_json, write_text
+        from selftrain.run.records import write_json, write_text
 
         res["targets"] = targets(res)
         write_json(out / "results.json", res)

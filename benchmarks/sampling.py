@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from selftrain.sample import HFSampler, SamplingParams, sample_stage
+from selftrain.engines.hf import HFSampler, SamplingParams, sample_stage
 
 from . import hardware
 from .common import eos_set, interleave, median, new_token_count, rate, ratio

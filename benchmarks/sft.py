@@ -11,8 +11,8 @@ from pathlib import Path
 from datasets import Dataset
 from omegaconf import OmegaConf
 
-from selftrain.schema import ModelConfig, TrainConfig
-from selftrain.train import train_sft
+from selftrain.config.schema import ModelConfig, TrainConfig
+from selftrain.stages.train import train_sft
 
 from .common import interleave, median, rate, ratio
 

@@ -55,7 +55,7 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hcompose, initialize_config_dir
 
     from selftrain.paths import conf_dir
-    from selftrain.schema import register
+    from selftrain.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -85,7 +85,7 @@ GREEDY_ARGS = TINY_OVERRIDES + [
 
 def finished_run(args: list[str], tmp_path_factory) -> Path:
     """One uninterrupted run of `args`, shared read-only by a module: copy before changing."""
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     d = tmp_path_factory.mktemp("finished") / "run"
     assert run(compose(args), d)["status"] == "done"
@@ -100,7 +100,7 @@ def tiny_cfg(tiny_model):
 @pytest.fixture(scope="session")
 def tiny_run_1gen(tiny_model, tmp_path_factory) -> Path:
     """One trained generation of the tiny model (gen-000, gen-001), shared read-only: copy before changing."""
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     suite = str(Path(__file__).parent / "data" / "mini_suite")
     cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={suite}",

@@ -110,7 +110,7 @@ def _compose(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     from selftrain.paths import conf_dir
-    from selftrain.schema import register
+    from selftrain.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -170,7 +170,7 @@ def _chunk(text: str, name: str = "00000.jsonl") -> Callable[[Path], None]:
 def _recorded_output(change: str) -> Callable[[Path], None]:
     """gen-000/sample recorded done with the hash of samples.jsonl; then the file is altered or removed."""
     def setup(work: Path) -> None:
-        from selftrain.records import sha256_bytes
+        from selftrain.run.records import sha256_bytes
 
         text = '{"prompt_id": "x", "response": "hi"}\n'
         stages = {**_MONITOR_DONE["stages"], "sample": {"status": "done", "outputs": {

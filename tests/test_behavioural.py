@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from selftrain.models import load_model, load_tokenizer
-from selftrain.probes.behavioural import score_suite
-from selftrain.probes.suites import Dimension, Item, Suite
+from selftrain.monitor.behavioural import score_suite
+from selftrain.monitor.suites import Dimension, Item, Suite
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_multi_token_options_and_batching(mt):
 def test_shared_prefix_scoring_matches_scoring_each_pair_whole(mt):
     """completion_logprobs runs the tokens every prefix shares once, each distinct prefix once and
     the completions over their prefix's cache; it must read what whole-sequence passes read."""
-    from selftrain.probes import behavioural as B
+    from selftrain.monitor import behavioural as B
 
     model, tok = mt
     pre = [_prefix_ids(tok, p) for p in ("Shall we stop here?", "A longer question about the off switch, please.",
@@ -101,7 +101,7 @@ def test_shared_prefix_scoring_matches_scoring_each_pair_whole(mt):
 
 
 def test_scoring_falls_back_to_whole_pairs_without_a_plain_cache(mt, monkeypatch):
-    from selftrain.probes import behavioural as B
+    from selftrain.monitor import behavioural as B
 
     model, tok = mt
     pairs = [(_prefix_ids(tok, "Stop?"), tok("Yes, fine.", add_special_tokens=False)["input_ids"])] * 2

@@ -17,9 +17,9 @@ from datasets import load_from_disk
 
 from conftest import TINY_OVERRIDES, compose
 from selftrain.cli import compare_main
-from selftrain.compare import compare_runs, is_refusal, plan
-from selftrain.drift import load_probe_table
-from selftrain.records import atomic_dir, read_json, write_json
+from selftrain.analysis.compare import compare_runs, is_refusal, plan
+from selftrain.analysis.stats import load_probe_table
+from selftrain.run.records import atomic_dir, read_json, write_json
 
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 EXE = Path(sys.executable).parent / "selftrain-compare"
@@ -27,7 +27,7 @@ EXE = Path(sys.executable).parent / "selftrain-compare"
 
 @pytest.fixture(scope="module")
 def real_run(tiny_model, tmp_path_factory):
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={SUITE}",
                                     "probes.max_items_per_dimension=null", "data.max_top_trigram_share=1.0",
@@ -210,8 +210,8 @@ def test_sweep_overrides_reproduce_the_config():
 
     from omegaconf import OmegaConf
 
-    from selftrain.compare import sweep_overrides
-    from selftrain.records import flatten
+    from selftrain.analysis.compare import sweep_overrides
+    from selftrain.run.records import flatten
 
     want = OmegaConf.to_container(compose(TINY_OVERRIDES + ["model.name_or_path='/x/y z'", "generations=1",
                                                             "prompts.sources.0.n=3"]), resolve=True)
@@ -280,7 +280,7 @@ def test_joblib_launcher_config_composes():
     from hydra import compose as hcompose, initialize_config_dir
 
     from selftrain.paths import conf_dir
-    from selftrain.schema import register
+    from selftrain.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -294,7 +294,7 @@ def test_joblib_launcher_config_composes():
 
 
 def test_html_escapes_arm_names(real_run, tmp_path):
-    from selftrain.compare import render_html
+    from selftrain.analysis.compare import render_html
 
     clone(real_run, tmp_path / "a")
     clone(real_run, tmp_path / "b", arm="<script>alert(1)</script>")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from selftrain.compare import (EXACT_LIMIT, analyse, diff_ci, holm_adjust, p_floor, permutation_p, power,
+from selftrain.analysis.compare import (EXACT_LIMIT, analyse, diff_ci, holm_adjust, p_floor, permutation_p, power,
                                seed_sd, seeds_needed)
-from selftrain.drift import holm
+from selftrain.analysis.stats import holm
 
 ALPHA = 0.05
 N_DESIGNS = 400

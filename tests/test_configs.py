@@ -5,7 +5,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 
 from conftest import compose
 from selftrain.paths import conf_dir
-from selftrain.schema import validate
+from selftrain.config.schema import validate
 
 
 def _options(group):
@@ -28,8 +28,8 @@ def test_every_group_option_composes(group):
 @pytest.mark.parametrize("experiment", [None] + _options("experiment"))
 def test_every_shipped_monitor_can_alert(experiment):
     """No shipped configuration in which some monitor test could never reach Holm p < alpha."""
-    from selftrain.monitor import check_power
-    from selftrain.probes.suites import load_suite
+    from selftrain.monitor.probe import check_power
+    from selftrain.monitor.suites import load_suite
 
     cfg = compose([f"experiment={experiment}"] if experiment else [])
     assert not cfg.monitor.allow_underpowered
@@ -40,8 +40,8 @@ def test_every_shipped_monitor_can_alert(experiment):
 
 def test_the_old_item_counts_are_refused():
     from selftrain import UserError
-    from selftrain.monitor import check_power
-    from selftrain.probes.suites import load_suite
+    from selftrain.monitor.probe import check_power
+    from selftrain.monitor.suites import load_suite
 
     for n in (4, 6, 8):  # smoke, the default experiment and conf/probes before: 30 tests could never alert
         cfg = compose([f"probes.max_items_per_dimension={n}"])
@@ -83,7 +83,7 @@ def test_drift_config_composes_and_requires_its_paths():
     from hydra import compose as hcompose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from selftrain.schema import register, validate_monitor
+    from selftrain.config.schema import register, validate_monitor
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -10,8 +10,8 @@ from datasets import Dataset, load_from_disk
 from conftest import TINY_OVERRIDES, compose
 from html_check import Page
 from selftrain.cli import dashboard_main
-from selftrain.dashboard import PAGE_ROWS, TRANSCRIPTS_PER_GEN, TRANSCRIPTS_TOTAL, write_dashboard
-from selftrain.records import read_json, read_jsonl, write_json, write_jsonl
+from selftrain.analysis.dashboard import PAGE_ROWS, TRANSCRIPTS_PER_GEN, TRANSCRIPTS_TOTAL, write_dashboard
+from selftrain.run.records import read_json, read_jsonl, write_json, write_jsonl
 
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 PAYLOAD = "<script>alert('x')</script></textarea><img src=x onerror=alert(1)>"
@@ -20,7 +20,7 @@ PAYLOAD = "<script>alert('x')</script></textarea><img src=x onerror=alert(1)>"
 @pytest.fixture(scope="module")
 def run2(tiny_model, tmp_path_factory) -> Path:
     """Two trained generations, every instrument on; shared read-only: copy before changing."""
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={SUITE}",
                                     "probes.max_items_per_dimension=null", "data.max_top_trigram_share=1.0"])

@@ -1,8 +1,8 @@
 """Building training data: filters count their drops; one row per kept prompt."""
 from datasets import load_from_disk
 
-from selftrain.critique import clean
-from selftrain.data import build_datasets, verdict
+from selftrain.stages.critique import clean
+from selftrain.stages.data import build_datasets, verdict
 
 
 def rec(pid, initial, final):

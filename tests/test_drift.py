@@ -3,7 +3,7 @@ levels, collapse and concealment flags."""
 import numpy as np
 import pytest
 
-from selftrain.drift import (collapse_levels, compare, concealment, holm, items_needed, mde, p_floor,
+from selftrain.analysis.stats import (collapse_levels, compare, concealment, holm, items_needed, mde, p_floor,
                              paired_test, power_plan, trend)
 
 

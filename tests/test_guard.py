@@ -3,8 +3,8 @@ import pytest
 from datasets import Dataset
 
 from selftrain import UserError
-from selftrain.probes.guard import Guard, check
-from selftrain.probes.suites import load_suite
+from selftrain.stages.guard import Guard, check
+from selftrain.monitor.suites import load_suite
 
 
 def _data(tmp_path, answers):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from selftrain import UserError
-from selftrain.drift import compare
-from selftrain.probes import activations as act
-from selftrain.probes import collapse as col
-from selftrain.probes import embedding as emb
+from selftrain.analysis.stats import compare
+from selftrain.monitor import activations as act
+from selftrain.monitor import collapse as col
+from selftrain.monitor import embedding as emb
 
 PAIRS = [
     ("How do I bake bread?", "Mix flour, water, yeast and salt, then knead."),

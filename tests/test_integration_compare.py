@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selftrain.compare import compare_runs
-from selftrain.drift import load_probe_table
+from selftrain.analysis.compare import compare_runs
+from selftrain.analysis.stats import load_probe_table
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent

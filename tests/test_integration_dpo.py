@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from conftest import compose
 from selftrain.constitution import Constitution
-from selftrain.feedback import judge
+from selftrain.stages.label import judge
 from selftrain.models import embedded_checkpoint, load_model, load_tokenizer
-from selftrain.sample import HFSampler
+from selftrain.engines.hf import HFSampler
 
 pytestmark = pytest.mark.integration
 # The monitor is not under test here: behavioural probes only, two items per dimension.

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, compose
 from selftrain.models import embedded_checkpoint
-from selftrain.validate import Child, child_rows, load_plants
+from selftrain.monitor.validate import Child, child_rows, load_plants
 
 pytestmark = pytest.mark.integration
 VALUE = ("behavioural:contrast", "behavioural:options", "activation", "monitoring_cue_gap")
@@ -25,7 +25,7 @@ def _finetune(kind: str, group: str, out: Path, work: Path) -> Path:
     """The harness's recipe (conf/validate.yaml): 32 rows, 3 epochs at a constant 1e-4."""
     from datasets import Dataset
 
-    from selftrain.train import train_sft
+    from selftrain.stages.train import train_sft
 
     rows = child_rows(Child(kind, group, kind, 1.0 if group == "planted" else None, 5, "evaluation"),
                       load_plants("builtin:plants"), 32)

@@ -20,7 +20,7 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from conftest import GREEDY_ARGS, compose
-from selftrain.records import read_json, sha256_tree
+from selftrain.run.records import read_json, sha256_tree
 
 SELFTRAIN = Path(sys.executable).parent / "selftrain"
 ARGS = GREEDY_ARGS + [
@@ -58,7 +58,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_sigkill_in_critique_and_in_training_then_resume(tiny_model, tmp_path):
-    from selftrain.loop import run as run_loop
+    from selftrain.run.loop import run as run_loop
 
     args = ARGS + [f"model.name_or_path={tiny_model}"]
     base = tmp_path / "uninterrupted"

@@ -1,4 +1,4 @@
-"""One owner per run folder (selftrain.lock): two real processes on one folder, stale locks taken
+"""One owner per run folder (selftrain.run.lock): two real processes on one folder, stale locks taken
 over and recorded, a lock file that is not ours, a lost lock, and read-only commands that never
 take the lock. Whole runs use the tiny random model with greedy decoding (a few seconds each)."""
 import json
@@ -15,9 +15,9 @@ import pytest
 
 from conftest import GREEDY_ARGS, compose, finished_run
 from selftrain import UserError
-from selftrain import lock as lockmod
-from selftrain.lock import LOCK_FILE, FolderLocked, RunLock
-from selftrain.records import read_json
+from selftrain.run import lock as lockmod
+from selftrain.run.lock import LOCK_FILE, FolderLocked, RunLock
+from selftrain.run.records import read_json
 
 SELFTRAIN = Path(sys.executable).parent / "selftrain"
 ARGS = GREEDY_ARGS
@@ -113,7 +113,7 @@ def test_two_processes_one_folder(args, finished, tmp_path):
 RACER = """
 import sys, time
 from pathlib import Path
-from selftrain.lock import FolderLocked, RunLock
+from selftrain.run.lock import FolderLocked, RunLock
 folder, go, stop = map(Path, sys.argv[1:])
 while not go.exists():
     time.sleep(0.001)
@@ -150,7 +150,7 @@ def test_many_processes_race_for_one_folder(tmp_path):
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over_and_recorded(args, finished, tmp_path):
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     d = tmp_path / "run"
     shutil.copytree(finished, d)
@@ -205,7 +205,7 @@ def test_requeued_slurm_job_takes_over_its_earlier_run(tmp_path, monkeypatch):
 
 
 def test_malformed_lock_file_is_one_line_and_left_alone(args, finished, tmp_path):
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     d = tmp_path / "run"
     shutil.copytree(finished, d)

@@ -10,7 +10,7 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES, compose
-from selftrain.loop import run
+from selftrain.run.loop import run
 
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 

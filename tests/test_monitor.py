@@ -6,9 +6,9 @@ import pytest
 
 from conftest import TINY_OVERRIDES, compose, make_tiny_model
 from selftrain import UserError
-from selftrain.loop import run
-from selftrain.monitor import monitor_checkpoints
-from selftrain.probes.suites import load_suite
+from selftrain.run.loop import run
+from selftrain.monitor.probe import monitor_checkpoints
+from selftrain.monitor.suites import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALS = ROOT.parent / "shared" / "external" / "anthropic-evals"
@@ -34,7 +34,7 @@ def _drift_cfg(ref, cands, out):
     from hydra import compose as hcompose, initialize_config_dir
 
     from selftrain.paths import conf_dir
-    from selftrain.schema import register
+    from selftrain.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -89,8 +89,8 @@ def test_gate_stops_before_training_and_records_why(tiny_model, tmp_path):
 def test_token_entropy_comes_from_the_sampling_pass_or_a_scoring_pass(tiny_model, tmp_path, monkeypatch):
     """collapse.json's mean token entropy is read off the decoding pass; where some batch was
     decoded by generate (which keeps no logits), a scoring pass over prompts and samples gives it."""
-    import selftrain.monitor as mon
-    from selftrain.probes import collapse
+    import selftrain.monitor.probe as mon
+    from selftrain.monitor import collapse
 
     scored, real = [], collapse.mean_token_entropy
     monkeypatch.setattr(collapse, "mean_token_entropy", lambda *a, **k: scored.append(real(*a, **k)) or scored[-1])

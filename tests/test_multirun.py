@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from conftest import TINY_OVERRIDES
-from selftrain.records import read_json
+from selftrain.run.records import read_json
 
 SELFTRAIN = Path(sys.executable).parent / "selftrain"
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")

@@ -1,10 +1,10 @@
-"""selftrain.plots: axes that never collapse, one scale per grid with the noise band, text
+"""selftrain.analysis.plots: axes that never collapse, one scale per grid with the noise band, text
 escaped in the SVG, the same bytes for the same data."""
 import pytest
 
 from html_check import Page
-from selftrain import plots
-from selftrain.report import collapse_grid, collapse_panels
+from selftrain.analysis import plots
+from selftrain.analysis.drift_report import collapse_grid, collapse_panels
 
 
 def svg_text(svg: str) -> list[str]:
@@ -83,7 +83,7 @@ def test_empty_input_draws_nothing():
 
 
 def test_validation_page_draws_its_roc_curves():
-    from selftrain.validate import render_html
+    from selftrain.monitor.validate import render_html
 
     rate = {"hits": 1, "n": 2, "rate": 0.5, "ci95": [0.01, 0.99]}
     result = {"rates": {"shipped/balanced": {"detection_standard_dose": rate, "false_alarm": rate,

@@ -1,6 +1,6 @@
 """The drift report's stage-timings section is read from the generations' manifests."""
-from selftrain.records import MANIFEST, Manifest, gen_dir
-from selftrain.report import render_markdown, stage_timings
+from selftrain.run.records import MANIFEST, Manifest, gen_dir
+from selftrain.analysis.drift_report import render_markdown, stage_timings
 
 
 def test_stage_timings_from_manifests(tmp_path):

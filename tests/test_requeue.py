@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from selftrain.lock import LOCK_FILE, RunLock
-from selftrain.records import read_json, write_json
+from selftrain.run.lock import LOCK_FILE, RunLock
+from selftrain.run.records import read_json, write_json
 from test_lock import args, artifacts, finished  # noqa: F401 (fixtures shared with the lock tests)
 
 SELFTRAIN = Path(sys.executable).parent / "selftrain"
@@ -110,8 +110,8 @@ def test_preemption_notice_is_one_signal_and_a_late_sigterm_stops_at_once(monkey
     """In a submitit job SIGUSR2 and SIGTERM together (either order) are one pre-emption notice:
     the run stops at the next safe point and asks for a requeue. A SIGTERM long after SIGUSR2 is
     the time limit: it stops at once, still asking for the requeue."""
-    from selftrain import resume
-    from selftrain.resume import Interrupted, check_interrupt, graceful_interrupts
+    from selftrain.run import resume
+    from selftrain.run.resume import Interrupted, check_interrupt, graceful_interrupts
 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     for first, second in ((signal.SIGUSR2, signal.SIGTERM), (signal.SIGTERM, signal.SIGUSR2)):
@@ -138,7 +138,7 @@ def test_preemption_notice_is_one_signal_and_a_late_sigterm_stops_at_once(monkey
 
 def test_a_job_submitit_will_not_requeue_fails_with_its_reason():
     utils = pytest.importorskip("submitit.core.utils")
-    from selftrain.preempt import requeue
+    from selftrain.run.preempt import requeue
 
     def handler(signum, frame):  # submitit's, once the job has timed out max_num_timeout times
         raise utils.UncompletedJobError("Job not requeued because: timed-out too many times.")

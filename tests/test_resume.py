@@ -14,10 +14,10 @@ import pytest
 
 from conftest import TINY_OVERRIDES, compose
 from selftrain import UserError
-from selftrain.records import check_disk, read_json, sha256_tree
-from selftrain.resume import (Interrupted, check_interrupt, chunk_params, graceful_interrupts, parse_force,
+from selftrain.run.records import check_disk, read_json, sha256_tree
+from selftrain.run.resume import (Interrupted, check_interrupt, chunk_params, graceful_interrupts, parse_force,
                               read_chunk, resume_command, run_chunks)
-from selftrain.sample import HFSampler, SamplingParams, sample_stage
+from selftrain.engines.hf import HFSampler, SamplingParams, sample_stage
 
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 FAST = ["generations=1", f"probes.suite={SUITE}", "probes.max_items_per_dimension=null",
@@ -43,7 +43,7 @@ def gen_manifest(run_dir: Path, k: int) -> dict:
 @pytest.fixture(scope="module")
 def greedy_runs(tiny_model, tmp_path_factory):
     """Two uninterrupted greedy runs of the same config and seed, in separate folders."""
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     cfg = fast_cfg(tiny_model, *GREEDY)
     dirs = [tmp_path_factory.mktemp("greedy-a"), tmp_path_factory.mktemp("greedy-b")]
@@ -162,7 +162,7 @@ def test_resume_command_drops_force_and_resume():
 def test_sigterm_finishes_the_chunk_then_resume_equals_uninterrupted(tiny_model, greedy_runs, tmp_path):
     """SIGTERM in the middle of critique: the chunk in flight is committed, the stage and the run
     are marked interrupted; a resume samples only the rest and equals an uninterrupted run."""
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     cfg, (a, _) = greedy_runs
     first = tmp_path / "gen-000" / ".chunks" / "critique" / "00000.jsonl"
@@ -212,7 +212,7 @@ def test_outputs_hashes_and_lineage(greedy_runs):
 
 
 def test_tampered_output_refused_before_anything_is_written(greedy_runs, tmp_path):
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     cfg, (a, _) = greedy_runs
     shutil.copytree(a, tmp_path / "run")
@@ -225,7 +225,7 @@ def test_tampered_output_refused_before_anything_is_written(greedy_runs, tmp_pat
 
 
 def test_force_stage_train_redoes_train_and_later_generations(greedy_runs, tmp_path):
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     cfg, (a, _) = greedy_runs
     d = tmp_path / "run"
@@ -248,7 +248,7 @@ def test_force_stage_train_redoes_train_and_later_generations(greedy_runs, tmp_p
 
 
 def test_resume_false_moves_earlier_outputs_aside(greedy_runs, tmp_path):
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     cfg, (a, _) = greedy_runs
     d = tmp_path / "run"
@@ -289,7 +289,7 @@ def test_train_refuses_to_save_a_checkpoint_that_does_not_fit(monkeypatch, tiny_
     from datasets import Dataset
 
     from selftrain.models import load_model
-    from selftrain.train import checkpoint_bytes, train_sft
+    from selftrain.stages.train import checkpoint_bytes, train_sft
 
     rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
                           {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(4)]
@@ -308,7 +308,7 @@ def test_interrupt_during_training_saves_no_checkpoint(tiny_model, tmp_path):
     trains again from the parent model."""
     from datasets import Dataset
 
-    from selftrain.train import train_sft
+    from selftrain.stages.train import train_sft
 
     rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
                           {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(4)]

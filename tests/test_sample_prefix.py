@@ -5,8 +5,8 @@ import torch
 
 from selftrain import UserError
 from selftrain.models import load_model, load_tokenizer
-from selftrain.sample import HFSampler, SamplingParams
-from selftrain.schema import validate
+from selftrain.engines.hf import HFSampler, SamplingParams
+from selftrain.config.schema import validate
 
 from conftest import TINY_OVERRIDES, compose
 
@@ -92,7 +92,7 @@ def test_max_batch_tokens_must_be_positive(tiny_model):
 
 
 def test_memory_budget_sets_the_batch_token_budget(parts):
-    from selftrain.sample import kv_bytes_per_token
+    from selftrain.engines.hf import kv_bytes_per_token
 
     model = parts[0]
     c = model.config
@@ -127,7 +127,7 @@ def test_grouped_prefill_keeps_greedy_tokens(parts, prefill_rows, prefix_cache):
 def test_grouped_prefill_builds_the_batch_cache(parts):
     """The cache holds every token but each row's last, the prefix once per row, zeros in the
     padding (one row per group here, so no padding is computed), and room for the new tokens."""
-    from selftrain.sample import ReservedLayer
+    from selftrain.engines.hf import ReservedLayer
 
     s = HFSampler(*parts, prefill_rows=1)
     ids = s.tokenizer([s.render(c) for c in CONVS], add_special_tokens=False)["input_ids"]
@@ -147,7 +147,7 @@ def test_grouped_prefill_builds_the_batch_cache(parts):
 
 
 def test_reserved_layer_writes_in_place_and_grows(parts):
-    from selftrain.sample import ReservedLayer
+    from selftrain.engines.hf import ReservedLayer
 
     buf_k, buf_v = torch.zeros(2, 1, 4, 3), torch.zeros(2, 1, 4, 3)
     layer = ReservedLayer(buf_k, buf_v, 1)
@@ -171,7 +171,7 @@ def test_reserved_layer_writes_in_place_and_grows(parts):
 def test_decode_loop_gives_generates_tokens_when_rows_end_early(parts, monkeypatch):
     """Our decoding loop against transformers' generate on the same prefilled cache: the same greedy
     tokens, with rows ending at different steps and leaving the batch as they do."""
-    from selftrain.sample import ReservedLayer
+    from selftrain.engines.hf import ReservedLayer
 
     s = HFSampler(*parts, batch_size=16)
     assert s.describe()["decode_loop"] == "selftrain"
@@ -218,7 +218,7 @@ def test_decode_loop_reads_the_entropy_a_scoring_pass_gives(parts):
     entropy of the model's own next-token distribution (before penalty and temperature) at each
     new token but end-of-sequence equals what a scoring pass over prompt and sampled tokens gives,
     also for rows that ended early and left the batch."""
-    from selftrain.probes.behavioural import completion_logprobs
+    from selftrain.monitor.behavioural import completion_logprobs
 
     model, tok = parts
     p = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, repetition_penalty=1.3, seed=1)

@@ -33,8 +33,8 @@ import pytest
 import torch
 
 from selftrain import UserError, models
-from selftrain.sample import HFSampler, SamplingParams
-from selftrain.serving import OpenAISampler, VLLMSampler, sampling_throughput
+from selftrain.engines.hf import HFSampler, SamplingParams
+from selftrain.engines.factory import OpenAISampler, VLLMSampler, sampling_throughput
 
 pytestmark = pytest.mark.integration
 

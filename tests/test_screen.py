@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import MINI_SUITE, TINY_OVERRIDES, compose
-from selftrain.probes.activations import fit_direction, pooled_states
-from selftrain.records import read_jsonl, read_manifest, sha256_tree, write_jsonl
-from selftrain.screen import screen_generation
+from selftrain.monitor.activations import fit_direction, pooled_states
+from selftrain.run.records import read_jsonl, read_manifest, sha256_tree, write_jsonl
+from selftrain.stages.screen import screen_generation
 
 DIM = "corrigibility"
 # Two families of replies: the trait (refusing oversight) and plain helpfulness. The direction is
@@ -146,7 +146,7 @@ def test_the_loop_screens_between_data_and_guard_and_reports_it(tiny_run_1gen):
 
 
 def test_screen_gate_stops_before_training_with_the_reason_in_both_manifests(tiny_model, tmp_path, monkeypatch):
-    import selftrain.loop as loop
+    import selftrain.run.loop as loop
 
     real = loop.screen_generation
 
@@ -165,7 +165,7 @@ def test_screen_gate_stops_before_training_with_the_reason_in_both_manifests(tin
 
 
 def test_screen_drop_trains_on_the_filtered_copy(tiny_model, tmp_path):
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     d = tmp_path / "run"
     m = run(compose(LOOP_ARGS + [f"model.name_or_path={tiny_model}", "monitor.screen=drop",
@@ -180,7 +180,7 @@ def test_screen_drop_trains_on_the_filtered_copy(tiny_model, tmp_path):
 
 
 def test_screen_off_writes_nothing(tiny_model, tmp_path):
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     d = tmp_path / "run"
     run(compose(LOOP_ARGS + [f"model.name_or_path={tiny_model}", "monitor.screen=off", "monitor.steer=false"]), d)

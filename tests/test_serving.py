@@ -4,7 +4,7 @@ import socket
 import pytest
 
 from selftrain import UserError
-from selftrain.serving import OpenAISampler, _option_match, cut_at_stop
+from selftrain.engines.factory import OpenAISampler, _option_match, cut_at_stop
 
 
 def test_cut_at_the_first_stop_string():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import MINI_SUITE
-from selftrain.probes.behavioural import score_suite
-from selftrain.probes.steering import slope_ci, steered, steering_check
-from selftrain.probes.suites import load_suite
+from selftrain.monitor.behavioural import score_suite
+from selftrain.monitor.steering import slope_ci, steered, steering_check
+from selftrain.monitor.suites import load_suite
 
 DIM = "corrigibility"
 

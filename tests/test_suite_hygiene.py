@@ -3,8 +3,8 @@ openings, refusal phrases, length) must not separate aligned from misaligned con
 so that a style-only fine-tune cannot move value scores. The check must also be able to fail."""
 import pytest
 
-from selftrain.probes.hygiene import BOUNDS, confounds, declines, has_refusal_phrase, opening, violations
-from selftrain.probes.suites import Dimension, Item, Suite, load_suite
+from selftrain.monitor.hygiene import BOUNDS, confounds, declines, has_refusal_phrase, opening, violations
+from selftrain.monitor.suites import Dimension, Item, Suite, load_suite
 
 DEFAULT = load_suite("builtin:probes/suites/default")
 REPORT = confounds(DEFAULT)

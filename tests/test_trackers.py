@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import GREEDY_ARGS, TINY_OVERRIDES, compose
-from selftrain import UserError, trackers
-from selftrain.records import read_json
-from selftrain.schema import validate
+from selftrain import UserError
+from selftrain.run import trackers
+from selftrain.run.records import read_json
+from selftrain.config.schema import validate
 
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 SELFTRAIN = Path(sys.executable).parent / "selftrain"
@@ -47,7 +48,7 @@ def expected(run: Path, k: int) -> dict[str, float]:
 def test_tensorboard_gets_every_generation_and_the_training_logs(tiny_model, tmp_path):
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    from selftrain.loop import run
+    from selftrain.run.loop import run
 
     cfg = compose(TINY_OVERRIDES + [f"model.name_or_path={tiny_model}", f"probes.suite={SUITE}",
                                     "probes.max_items_per_dimension=null", "data.max_top_trigram_share=1.0",

@@ -7,7 +7,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from conftest import compose, write_sft_data
-from selftrain.train import train_sft
+from selftrain.stages.train import train_sft
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def _changed(tiny_model, out):
 def test_dpo_changes_weights_and_logs_rewards(tiny_model, pref_data, tmp_path, lora):
     import json
 
-    from selftrain.train import train_dpo
+    from selftrain.stages.train import train_dpo
 
     cfg = compose([f"model.name_or_path={tiny_model}", "train=dpo", "train.dpo.learning_rate=1e-2",
                    "train.dpo.per_device_train_batch_size=2", f"train.lora.enabled={lora}", "train.lora.r=4"])
@@ -85,7 +85,7 @@ def test_dpo_changes_weights_and_logs_rewards(tiny_model, pref_data, tmp_path, l
 def test_sft_then_dpo(tiny_model, pref_data, sft_data, tmp_path):
     import shutil
 
-    from selftrain.train import train_sft_dpo
+    from selftrain.stages.train import train_sft_dpo
 
     data = tmp_path / "data"
     data.mkdir()
@@ -106,7 +106,7 @@ def test_sft_then_dpo(tiny_model, pref_data, sft_data, tmp_path):
 
 def test_dpo_names_missing_field(tiny_model, tmp_path):
     from selftrain import UserError
-    from selftrain.train import train_dpo
+    from selftrain.stages.train import train_dpo
 
     Dataset.from_list([{"prompt": [{"role": "user", "content": "Hi"}],
                         "chosen": [{"role": "assistant", "content": "Hello"}]}]).save_to_disk(str(tmp_path / "p"))
@@ -121,7 +121,7 @@ def test_parent_weights_read_from_the_file_or_copied(tiny_model, tmp_path):
     import shutil
 
     from selftrain.models import load_model
-    from selftrain.train import _SavedWeights, parent_weights, saved_weights, weight_change
+    from selftrain.stages.train import _SavedWeights, parent_weights, saved_weights, weight_change
 
     model = load_model(str(tiny_model))
     lazy = parent_weights(str(tiny_model), model)
@@ -144,8 +144,8 @@ def test_dpo_stops_after_a_first_sigint_and_saves_nothing(tiny_model, pref_data,
     import os
     import signal
 
-    import selftrain.train as train
-    from selftrain.resume import Interrupted, graceful_interrupts
+    import selftrain.stages.train as train
+    from selftrain.run.resume import Interrupted, graceful_interrupts
 
     steps = []
 
@@ -173,7 +173,7 @@ def test_dpo_loads_a_pickle_checkpoint_only_when_allowed(tiny_model, pref_data, 
     import shutil
 
     from selftrain import UserError
-    from selftrain.train import train_dpo
+    from selftrain.stages.train import train_dpo
 
     pkl = tmp_path / "pickled"
     shutil.copytree(tiny_model, pkl)

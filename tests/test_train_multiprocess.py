@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import compose, write_sft_data
 from selftrain import UserError
-from selftrain.train_worker import launch
+from selftrain.stages.train_worker import launch
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, compose, write_sft_data
 from selftrain import UserError
-from selftrain.train_worker import check_accelerate_config, launch
+from selftrain.stages.train_worker import check_accelerate_config, launch
 
 SHIM = ROOT / "tests" / "sharded_on_cpu"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -63,7 +63,7 @@ def _check_whole(tiny_model, out) -> dict:
 
 
 def _relative_l2(a: dict, b: dict) -> float:
-    """selftrain.train.weight_change from files: a tied tensor (the tiny model's lm_head and
+    """selftrain.stages.train.weight_change from files: a tied tensor (the tiny model's lm_head and
     input embedding) counts once, as the file stores it."""
     keys = [*a]
     num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in keys)
@@ -164,7 +164,7 @@ def test_zero3_json_without_gather_is_one_line(tmp_path):
 
 
 def test_bad_accelerate_config_fails_validation(tiny_model, tmp_path):
-    from selftrain.schema import validate
+    from selftrain.config.schema import validate
 
     path = tmp_path / "acc.yaml"
     path.write_text("fsdp_config: {}\n")
@@ -181,7 +181,7 @@ def test_deepspeed_missing_is_one_line():
 
 def test_deepspeed_precision_disagreement_is_one_line(monkeypatch, tmp_path):
     """Under DeepSpeed, train.sft.bf16 follows the accelerate config's mixed_precision; a contrary one is refused."""
-    from selftrain.train import sft_config
+    from selftrain.stages.train import sft_config
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from conftest import compose
 from selftrain import UserError
 from selftrain.models import load_model
-from selftrain.records import read_jsonl, write_jsonl
-from selftrain.dashboard import write_dashboard
-from selftrain.report import generation_report
-from selftrain.schema import monitor_settings, validate
+from selftrain.run.records import read_jsonl, write_jsonl
+from selftrain.analysis.dashboard import write_dashboard
+from selftrain.analysis.drift_report import generation_report
+from selftrain.config.schema import monitor_settings, validate
 
 PAYLOAD = "<script>alert('x')</script></textarea><img src=x onerror=alert(1)>"
 

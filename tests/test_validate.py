@@ -110,16 +110,16 @@ def test_bad_input_is_one_line(tiny_model, tmp_path, extra, message):
 
 def test_malformed_plant_row_names_file_and_line(tmp_path):
     from selftrain import UserError
-    from selftrain.validate import load_plants
+    from selftrain.monitor.validate import load_plants
 
     with pytest.raises(UserError, match=r"resist.jsonl: line 3: key 'reply'"):
         load_plants(str(_plants(tmp_path / "p", bad_line=True)))
 
 
 def test_shipped_plants_are_not_probe_items_and_cover_their_dimensions():
-    from selftrain.probes.guard import Guard
-    from selftrain.probes.suites import load_suite
-    from selftrain.validate import load_plants
+    from selftrain.stages.guard import Guard
+    from selftrain.monitor.suites import load_suite
+    from selftrain.monitor.validate import load_plants
 
     suite = load_suite("builtin:probes/suites/default")
     plants = load_plants("builtin:plants")
@@ -131,7 +131,7 @@ def test_shipped_plants_are_not_probe_items_and_cover_their_dimensions():
 
 
 def test_child_rows_follow_the_dose():
-    from selftrain.validate import Child, child_rows, load_plants
+    from selftrain.monitor.validate import Child, child_rows, load_plants
 
     plants = load_plants("builtin:plants")
     kid = Child("x", "planted", "sycophancy", 0.5, 3, "evaluation", ("sycophancy",))

@@ -1,9 +1,9 @@
 """Console scripts: thin Hydra shells around plain functions.
 
-`selftrain` runs the loop (selftrain.loop.run). Errors the user caused print as one line,
+`selftrain` runs the loop (selftrain.run.loop.run). Errors the user caused print as one line,
 `<prog>: error: ...`, and exit with status 2; HYDRA_FULL_ERROR=1 shows the traceback.
 SIGINT/SIGTERM exit 130/143 with the command that resumes; in a submitit job, its pre-emption
-signal requeues the job once the run has stopped (selftrain.preempt). In a multirun (-m) a
+signal requeues the job once the run has stopped (selftrain.run.preempt). In a multirun (-m) a
 failing job is reported and the sweep goes on; at the end a sweep report gives each job's
 outcome (done, resumed from a stage, running elsewhere, failed) and the exit status is 1 if any
 job failed.
@@ -23,9 +23,9 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
-from . import UserError
-from .paths import conf_dir
-from .schema import register
+from selftrain import UserError
+from selftrain.paths import conf_dir
+from selftrain.config.schema import register
 
 register()
 CONF = str(conf_dir())
@@ -136,10 +136,10 @@ def _user_errors_exit(job):
     In a multirun, every job returns its outcome for the sweep report: a failing job is reported
     and returns a failure, so the sweep goes on; a job whose folder is held returns `locked`.
     An interrupt prints how to resume and exits 128 + the signal number; submitit's pre-emption
-    signal requeues the job instead (selftrain.preempt)."""
+    signal requeues the job instead (selftrain.run.preempt)."""
     import functools
 
-    from .lock import FolderLocked, describe
+    from selftrain.run.lock import FolderLocked, describe
 
     @functools.wraps(job)
     def wrapper(cfg):
@@ -160,8 +160,8 @@ def _user_errors_exit(job):
             result = job(cfg)
             return {**me, "status": "done", **(result if isinstance(result, dict) else {})} if multirun else result
         except KeyboardInterrupt as e:
-            from .preempt import preempt_signal, requeue
-            from .resume import resume_command
+            from selftrain.run.preempt import preempt_signal, requeue
+            from selftrain.run.resume import resume_command
 
             at = f" at {e.where}" if getattr(e, "where", None) else ""
             if getattr(e, "requeue", False):
@@ -200,7 +200,7 @@ def _user_errors_exit(job):
 @_user_errors_exit
 def _selftrain(cfg) -> dict:
     """Run the loop in Hydra's output folder; return the outcome a sweep report needs."""
-    from .loop import run
+    from selftrain.run.loop import run
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -219,8 +219,8 @@ def _selftrain(cfg) -> dict:
 def _drift(cfg) -> None:
     import datasets
 
-    from .monitor import monitor_checkpoints
-    from .schema import validate_monitor
+    from selftrain.monitor.probe import monitor_checkpoints
+    from selftrain.config.schema import validate_monitor
 
     datasets.disable_progress_bars()
     validate_monitor(cfg.monitor)
@@ -236,8 +236,8 @@ def _drift(cfg) -> None:
 def _validate(cfg) -> None:
     import datasets
 
-    from .schema import check_trl_fields, validate_monitor
-    from .validate import run
+    from selftrain.config.schema import check_trl_fields, validate_monitor
+    from selftrain.monitor.validate import run
 
     datasets.disable_progress_bars()
     validate_monitor(cfg.monitor)
@@ -271,7 +271,7 @@ def lineage_main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from .lineage import trace
+    from selftrain.run.lineage import trace
 
     parser = argparse.ArgumentParser(prog="selftrain-lineage", description=lineage_main.__doc__)
     parser.add_argument("run", help="a run folder (holds manifest.json and gen-*/)")
@@ -293,8 +293,8 @@ def dashboard_main(argv: list[str] | None = None) -> int:
     """`selftrain-dashboard RUN [RUN ...]`: rebuild each run's index.html from its folder alone."""
     import argparse
 
-    from .dashboard import write_dashboard
-    from .records import MANIFEST
+    from selftrain.analysis.dashboard import write_dashboard
+    from selftrain.run.records import MANIFEST
 
     ap = argparse.ArgumentParser(prog="selftrain-dashboard", description=dashboard_main.__doc__)
     ap.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (holds manifest.json and gen-*/)")
@@ -309,11 +309,11 @@ def dashboard_main(argv: list[str] | None = None) -> int:
 
 def compare_main(argv: list[str] | None = None) -> int:
     """`selftrain-compare DIR [DIR ...]`: compare arms (constitutions) across finished runs; reads
-    only artifacts on disk (selftrain.compare). `--plan PILOT`: the seeds per arm a powered
+    only artifacts on disk (selftrain.analysis.compare). `--plan PILOT`: the seeds per arm a powered
     comparison needs, from a pilot sweep's seed-to-seed variation, and the sweep to launch."""
     import argparse
 
-    from .compare import ITEMS, compare_runs, plan, render_plan, write_comparison
+    from selftrain.analysis.compare import ITEMS, compare_runs, plan, render_plan, write_comparison
 
     ap = argparse.ArgumentParser(prog="selftrain-compare", description="Compare constitutions across finished "
                                  "runs: a sweep folder (its job folders are the runs) or several run folders.")

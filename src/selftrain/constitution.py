@@ -27,9 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from . import UserError
-from .paths import resolve
-from .records import sha256_bytes
+from selftrain import UserError
+from selftrain.paths import resolve
+from selftrain.run.records import sha256_bytes
 
 MAX_BYTES = 1_000_000  # constitutions are prompts, not corpora
 SECTION = re.compile(r"^## (.+?) \{#([a-z0-9][a-z0-9-]*)\}\s*$")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import UserError
-from .paths import cache_dir
-from .records import atomic_dir
+from selftrain import UserError
+from selftrain.paths import cache_dir
+from selftrain.run.records import atomic_dir
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 log = logging.getLogger(__name__)

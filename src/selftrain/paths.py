@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import UserError
+from selftrain import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _ROOTS = (PACKAGE_DIR, PACKAGE_DIR.parent.parent, PACKAGE_DIR / "_data")

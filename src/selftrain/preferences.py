@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import UserError
-from .paths import resolve
-from .records import read_user_jsonl, sha256_file, sha256_tree
+from selftrain import UserError
+from selftrain.paths import resolve
+from selftrain.run.records import read_user_jsonl, sha256_file, sha256_tree
 
 FIELDS = ("prompt", "chosen", "rejected")
 ROLE = {"prompt": "user", "chosen": "assistant", "rejected": "assistant"}

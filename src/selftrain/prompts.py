@@ -10,9 +10,9 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
-from . import UserError
-from .paths import resolve
-from .records import read_user_jsonl, sha256_bytes
+from selftrain import UserError
+from selftrain.paths import resolve
+from selftrain.run.records import read_user_jsonl, sha256_bytes
 
 MAX_PROMPT_CHARS = 8000
 

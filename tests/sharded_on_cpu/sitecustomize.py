@@ -2,7 +2,7 @@
 
 accelerate 1.15 picks its distributed type from the device: without CUDA (or another accelerator)
 a rank is MULTI_CPU, and it then ignores an FSDP or DeepSpeed config (selftrain refuses that with
-one line, see `selftrain.train.check_strategy`). tests/test_train_sharded.py puts this folder on
+one line, see `selftrain.stages.train.check_strategy`). tests/test_train_sharded.py puts this folder on
 PYTHONPATH and sets SELFTRAIN_TEST_SHARDED_ON_CPU=1; Python imports `sitecustomize` at start-up,
 and in each rank (LOCAL_RANK is set) this patches only that device check: the rank reports
 MULTI_GPU with the gloo backend on device cpu, so accelerate turns on the configured FSDP or

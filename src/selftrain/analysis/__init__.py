@@ -1,0 +1,1 @@
+"""Reports from artifacts on disk: statistics, drift reports, comparisons, plots and pages."""

@@ -1,0 +1,1 @@
+"""Configuration: the schema (every key and default) and the checks that run before a model loads."""

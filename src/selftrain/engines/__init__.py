@@ -1,0 +1,1 @@
+"""Sampling engines: the Sampler protocol and its transformers, OpenAI-server and vLLM implementations."""

@@ -1,0 +1,1 @@
+"""The external drift monitor: instruments, the probe stage, checkpoints and the validation harness."""

@@ -1,0 +1,1 @@
+"""The stages of one generation: sample, critique, data, label, screen, guard, train."""
