@@ -191,3 +191,18 @@ def test_dpo_loads_a_pickle_checkpoint_only_when_allowed(tiny_model, pref_data, 
     stats = train_dpo(str(pkl), pref_data, tmp_path / "m2", cfg.train, cfg.model, seed=0, work_dir=tmp_path / "w2")
     assert stats["steps"] == 1 and (tmp_path / "m2" / "model.safetensors").is_file()
 
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_non_finite_loss_stops_and_saves_nothing(tiny_model, sft_data, pref_data, tmp_path, method):
+    """Both methods share the guard: a loss gone NaN/inf stops training, names the keys to lower,
+    and writes no generation."""
+    from selftrain import UserError
+    from selftrain.stages.train import train_dpo
+
+    cfg = compose([f"model.name_or_path={tiny_model}", f"train={method}", f"train.{method}.learning_rate=1e30",
+                   f"train.{method}.per_device_train_batch_size=2"])
+    fn, data = (train_sft, sft_data) if method == "sft" else (train_dpo, pref_data)
+    out = tmp_path / "gen-001" / "model"
+    with pytest.raises(UserError, match=rf"NaN or infinite at step \d+; lower train\.{method}\.learning_rate"):
+        fn(str(tiny_model), data, out, cfg.train, cfg.model, seed=0, work_dir=tmp_path / "work")
+    assert not out.exists()

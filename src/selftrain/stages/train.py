@@ -41,9 +41,11 @@ from selftrain.run.resume import check_interrupt, interrupt_requested
 
 # Applied under the user's train.sft keys; the user's values win except where noted. report_to
 # is the top-level key's (selftrain.run.trackers), never the user's train.sft one (schema refuses it).
+# logging_nan_inf_filter off: transformers would log a NaN/inf step's loss as the mean of the finite
+# ones (0.0 at logging_steps=1), and StopOnNonFinite, which reads the logged loss, would never fire.
 SFT_DEFAULTS = dict(
     bf16=False, fp16=False, logging_steps=1, save_strategy="no",
-    disable_tqdm=False, dataloader_num_workers=0, assistant_only_loss=False,
+    disable_tqdm=False, dataloader_num_workers=0, assistant_only_loss=False, logging_nan_inf_filter=False,
 )
 DPO_DEFAULTS = {k: v for k, v in SFT_DEFAULTS.items() if k != "assistant_only_loss"}
 
