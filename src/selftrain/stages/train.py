@@ -1,5 +1,11 @@
 """Train generation k+1 on generation k's data: SFT (TRL SFTTrainer), DPO (TRL DPOTrainer), or both.
 
+SFT and DPO take one path, `train_with`: read the dataset in memory, build TRL's config from
+train.sft / train.dpo, load the tokenizer and model (LoRA through peft), train with the interrupt
+and non-finite-loss callbacks, measure the weight change against the parent's safetensors and
+save atomically. A `Recipe` holds what differs: TRL's trainer and config classes, the dataset's
+columns, the defaults, and whether DPO's reference model is loaded.
+
 `conf/train/*.yaml` uses TRL's own SFTConfig field names under `sft:` and DPOConfig names under
 `dpo:`. DPO's reference model is generation k itself (iterative DPO): for full fine-tuning
 selftrain loads it a second time and passes it as `ref_model` (TRL 1.16 would otherwise load a
@@ -8,8 +14,8 @@ read); with LoRA TRL uses the same model with the adapter disabled, which is gen
 `sft_dpo` runs SFT on data/sft, then DPO from the SFT model (the reference then is the SFT
 model, as in the usual SFT-then-DPO recipe). Full fine-tuning, or
 LoRA through peft merged back into the weights, so every generation is a plain safetensors
-checkpoint. On CPU, bf16 and gradient checkpointing stay off: with them on, one SFT step of
-the 135M model measured about 8x slower on 2 cores (107 s against 13 s).
+checkpoint. On CPU, bf16 and gradient checkpointing stay off: with them on, an SFT step is
+several times slower (benchmarks/RESULTS.md).
 
 Under `accelerate launch` with FSDP or DeepSpeed ZeRO-3 each rank holds a slice of the
 weights. Saving then gathers them: `accelerator.get_state_dict` is a collective that every rank
