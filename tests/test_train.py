@@ -39,6 +39,7 @@ def test_training_changes_weights(tiny_model, sft_data, tmp_path, lora):
         assert all(any(m in k for m in ("proj",)) for k in changed)
     assert (tmp_path / "work" / "train_log.json").is_file()
     assert not (out.parent / ".model.tmp").exists()
+    assert not list(sft_data.glob("cache-*"))  # read in memory: TRL's map wrote nothing into the data
 
 
 @pytest.fixture
@@ -80,6 +81,7 @@ def test_dpo_changes_weights_and_logs_rewards(tiny_model, pref_data, tmp_path, l
     assert 0 <= stats["reward_accuracy_mean"] <= 1
     # step 1: the policy equals the reference (generation k), so its reward margin is zero
     assert margins[0] == pytest.approx(0.0, abs=1e-5)
+    assert not list(pref_data.glob("cache-*"))  # read in memory: TRL's map wrote nothing into the data
 
 
 def test_sft_then_dpo(tiny_model, pref_data, sft_data, tmp_path):
@@ -166,7 +168,7 @@ def test_dpo_stops_after_a_first_sigint_and_saves_nothing(tiny_model, pref_data,
     with graceful_interrupts(), pytest.raises(Interrupted):
         train.train_dpo(str(tiny_model), pref_data, out, cfg.train, cfg.model, seed=0, work_dir=tmp_path / "w")
     assert steps == [1]  # stopped at the end of the step the signal arrived in, not after all 3
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "w" / "train_log.json").exists()
 
 
 def test_dpo_loads_a_pickle_checkpoint_only_when_allowed(tiny_model, pref_data, tmp_path):
@@ -188,3 +190,19 @@ def test_dpo_loads_a_pickle_checkpoint_only_when_allowed(tiny_model, pref_data, 
     cfg = compose(base + ["model.allow_pickle=true"])
     stats = train_dpo(str(pkl), pref_data, tmp_path / "m2", cfg.train, cfg.model, seed=0, work_dir=tmp_path / "w2")
     assert stats["steps"] == 1 and (tmp_path / "m2" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_non_finite_loss_stops_and_saves_nothing(tiny_model, sft_data, pref_data, tmp_path, method):
+    """Both methods share the guard: a loss gone NaN/inf stops training, names the keys to lower,
+    and writes no generation."""
+    from selftrain import UserError
+    from selftrain.stages.train import train_dpo
+
+    cfg = compose([f"model.name_or_path={tiny_model}", f"train={method}", f"train.{method}.learning_rate=1e30",
+                   f"train.{method}.per_device_train_batch_size=2"])
+    fn, data = (train_sft, sft_data) if method == "sft" else (train_dpo, pref_data)
+    out = tmp_path / "gen-001" / "model"
+    with pytest.raises(UserError, match=rf"NaN or infinite at step \d+; lower train\.{method}\.learning_rate"):
+        fn(str(tiny_model), data, out, cfg.train, cfg.model, seed=0, work_dir=tmp_path / "work")
+    assert not out.exists()

@@ -1,5 +1,11 @@
 """Train generation k+1 on generation k's data: SFT (TRL SFTTrainer), DPO (TRL DPOTrainer), or both.
 
+SFT and DPO take one path, `train_with`: read the dataset in memory, build TRL's config from
+train.sft / train.dpo, load the tokenizer and model (LoRA through peft), train with the interrupt
+and non-finite-loss callbacks, measure the weight change against the parent's safetensors and
+save atomically. A `Recipe` holds what differs: TRL's trainer and config classes, the dataset's
+columns, the defaults, and whether DPO's reference model is loaded.
+
 `conf/train/*.yaml` uses TRL's own SFTConfig field names under `sft:` and DPOConfig names under
 `dpo:`. DPO's reference model is generation k itself (iterative DPO): for full fine-tuning
 selftrain loads it a second time and passes it as `ref_model` (TRL 1.16 would otherwise load a
@@ -8,8 +14,8 @@ read); with LoRA TRL uses the same model with the adapter disabled, which is gen
 `sft_dpo` runs SFT on data/sft, then DPO from the SFT model (the reference then is the SFT
 model, as in the usual SFT-then-DPO recipe). Full fine-tuning, or
 LoRA through peft merged back into the weights, so every generation is a plain safetensors
-checkpoint. On CPU, bf16 and gradient checkpointing stay off: with them on, one SFT step of
-the 135M model measured about 8x slower on 2 cores (107 s against 13 s).
+checkpoint. On CPU, bf16 and gradient checkpointing stay off: with them on, an SFT step is
+several times slower (benchmarks/RESULTS.md).
 
 Under `accelerate launch` with FSDP or DeepSpeed ZeRO-3 each rank holds a slice of the
 weights. Saving then gathers them: `accelerator.get_state_dict` is a collective that every rank
@@ -24,7 +30,9 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from datasets import load_from_disk
@@ -39,11 +47,34 @@ from selftrain.run.resume import check_interrupt, interrupt_requested
 
 # Applied under the user's train.sft keys; the user's values win except where noted. report_to
 # is the top-level key's (selftrain.run.trackers), never the user's train.sft one (schema refuses it).
+# logging_nan_inf_filter off: transformers would log a NaN/inf step's loss as the mean of the finite
+# ones (0.0 at logging_steps=1), and StopOnNonFinite, which reads the logged loss, would never fire.
 SFT_DEFAULTS = dict(
     bf16=False, fp16=False, logging_steps=1, save_strategy="no",
-    disable_tqdm=False, dataloader_num_workers=0, assistant_only_loss=False,
+    disable_tqdm=False, dataloader_num_workers=0, assistant_only_loss=False, logging_nan_inf_filter=False,
 )
 DPO_DEFAULTS = {k: v for k, v in SFT_DEFAULTS.items() if k != "assistant_only_loss"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What SFT and DPO differ in. Everything else (loading, callbacks, the trainer's config, the
+    weight change, the save) is `train_with`'s, the same for both."""
+
+    section: str                # train.<section>: TRL's config field names
+    config_class: str           # in trl; config/schema.check_trl_fields checks the keys against it
+    trainer_class: str          # in trl
+    columns: tuple[str, ...]    # the dataset's columns the trainer reads
+    defaults: dict              # under the user's keys
+    loss_name: str              # named when the loss turns non-finite ...
+    advice: str                 # ... with the keys to lower
+    reference: bool             # DPO: generation k again, frozen, as `ref_model` (full fine-tuning)
+
+
+SFT = Recipe("sft", "SFTConfig", "SFTTrainer", ("messages",), SFT_DEFAULTS,
+             "training loss", "train.sft.learning_rate", reference=False)
+DPO = Recipe("dpo", "DPOConfig", "DPOTrainer", ("prompt", "chosen", "rejected"), DPO_DEFAULTS,
+             "DPO loss", "train.dpo.learning_rate or train.dpo.beta", reference=True)
 
 
 def _checkpointing_off(kwargs: dict, fields: set[str]) -> None:
@@ -89,24 +120,25 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
 
 
 def sft_config(train_cfg, output_dir: Path, seed: int, tracking: dict | None = None):
-    from trl import SFTConfig
-
-    return _trl_config(SFTConfig, "train.sft", SFT_DEFAULTS, train_cfg.sft, output_dir, seed, tracking)
+    return trainer_config(SFT, train_cfg, output_dir, seed, tracking)
 
 
 def dpo_config(train_cfg, output_dir: Path, seed: int, tracking: dict | None = None):
-    from trl import DPOConfig
-
-    return _trl_config(DPOConfig, "train.dpo", DPO_DEFAULTS, train_cfg.dpo, output_dir, seed, tracking)
+    return trainer_config(DPO, train_cfg, output_dir, seed, tracking)
 
 
-def _trl_config(cls, prefix: str, defaults: dict, user, output_dir: Path, seed: int, tracking: dict | None):
+def trainer_config(recipe: Recipe, train_cfg, output_dir: Path, seed: int, tracking: dict | None = None):
+    """TRL's own config dataclass from train.<section>, over selftrain's defaults; TRL's refusals
+    become one line naming the section."""
     import dataclasses
 
+    import trl
     from omegaconf import DictConfig, OmegaConf
 
+    cls, prefix = getattr(trl, recipe.config_class), f"train.{recipe.section}"
+    user = train_cfg[recipe.section]
     user = OmegaConf.to_container(user, resolve=True) if isinstance(user, DictConfig) else dict(user)
-    kwargs = {**defaults, **user, "output_dir": str(output_dir), "seed": seed, **trackers.trl_args(tracking)}
+    kwargs = {**recipe.defaults, **user, "output_dir": str(output_dir), "seed": seed, **trackers.trl_args(tracking)}
     _checkpointing_off(kwargs, {f.name for f in dataclasses.fields(cls)})
     _precision_from_deepspeed(kwargs, user, prefix)
     if not torch.cuda.is_available():
@@ -121,8 +153,6 @@ def _trl_config(cls, prefix: str, defaults: dict, user, output_dir: Path, seed: 
 def _precision_from_deepspeed(kwargs: dict, user: dict, prefix: str) -> None:
     """Under DeepSpeed, transformers refuses bf16/fp16 that differ from the accelerate config's
     `mixed_precision` (which `accelerate launch` passes as ACCELERATE_MIXED_PRECISION): follow it."""
-    import os
-
     if not _launched_with("DEEPSPEED"):
         return
     mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -202,56 +232,99 @@ def parent_weights(parent: str, model: torch.nn.Module) -> _SavedWeights | dict:
     return saved if saved is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class Trained(NamedTuple):
+    """What `train_with` hands back: the counts both methods report, the weight change, TRL's
+    config and its log (DPO reads its beta and reward columns)."""
+
+    stats: dict
+    change: dict
+    args: object
+    logs: list[dict]
+
+
 def train_sft(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
               work_dir: Path, tracking: dict | None = None) -> dict:
     """Fine-tune `parent` on the SFT dataset; write the merged model to `out_model` atomically.
     `tracking` (selftrain.run.trackers.for_training) sends TRL's logs to the run's tracker."""
+    run = train_with(SFT, parent, data_dir, out_model, train_cfg, model_cfg, seed, work_dir, tracking)
+    return {**run.stats, **run.change}
+
+
+def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
+              work_dir: Path, tracking: dict | None = None) -> dict:
+    """DPO of `parent` on a preference dataset, reference = `parent`; write the model atomically."""
+    from selftrain.preferences import check_preference_dataset
+
+    check_preference_dataset(data_dir)
+    run = train_with(DPO, parent, data_dir, out_model, train_cfg, model_cfg, seed, work_dir, tracking)
+    return {"method": "dpo", **run.stats, "reference": parent, "beta": run.args.beta,
+            **dpo_summary(run.logs), **run.change}
+
+
+def train_with(recipe: Recipe, parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
+               work_dir: Path, tracking: dict | None = None) -> Trained:
+    """One training of `parent` with TRL's trainer for `recipe`, written to `out_model` atomically.
+
+    A first SIGINT/SIGTERM stops after the current step and saves nothing; a non-finite loss
+    stops training and saves nothing either."""
     from transformers import set_seed
-    from trl import SFTTrainer
 
     # In memory: TRL maps (tokenises) the dataset, and on a dataset read from disk datasets would
-    # write its cache-*.arrow files into data/sft, changing the recorded output hash.
-    dataset = load_from_disk(str(data_dir), keep_in_memory=True).select_columns(["messages"])
-    args = sft_config(train_cfg, work_dir, seed, tracking)
+    # write its cache-*.arrow files into the data folder, changing the recorded output hash.
+    dataset = load_from_disk(str(data_dir), keep_in_memory=True).select_columns(list(recipe.columns))
+    args = trainer_config(recipe, train_cfg, work_dir, seed, tracking)
     os.environ.update(trackers.trl_environment(tracking))
     set_seed(seed)
-    tokenizer = load_tokenizer(parent, model_cfg.trust_remote_code)
-    tokenizer.padding_side = "right"  # training pads on the right; sampling on the left
-    model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
-    model.train()
+    tokenizer, model, ref = load_for_training(recipe, parent, train_cfg.lora, model_cfg)
     before = None if sharding_requested() else parent_weights(parent, model)
     guard = StopOnNonFinite()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
-                         callbacks=[guard, StopOnInterrupt()])
+    trainer = _trainer(recipe, model, ref, args, dataset, tokenizer, train_cfg.lora, [guard, StopOnInterrupt()])
     trackers.point_trainer(trainer, tracking)
     check_strategy(trainer.accelerator)
     result = trainer.train()
     check_interrupt()
     if guard.bad_step is not None:
-        raise UserError(f"training loss became NaN or infinite at step {guard.bad_step}; "
-                        "lower train.sft.learning_rate")
+        raise UserError(f"{recipe.loss_name} became NaN or infinite at step {guard.bad_step}; lower {recipe.advice}")
     change = _save(trainer, before, tokenizer, out_model, train_cfg.lora, parent, model_cfg)
     logs = trainer.state.log_history
     write_json(work_dir / "train_log.json", logs)
     losses = [r["loss"] for r in logs if "loss" in r]
-    return {"rows": len(dataset), "steps": trainer.state.global_step,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "lora": bool(train_cfg.lora.enabled), **change}
+    stats = {"rows": len(dataset), "steps": trainer.state.global_step,
+             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+             "train_runtime_s": result.metrics.get("train_runtime"), "lora": bool(train_cfg.lora.enabled)}
+    return Trained(stats, change, args, logs)
+
+
+def load_for_training(recipe: Recipe, parent: str, lora, model_cfg):
+    """The tokenizer (padding on the right, as training pads), the model in train mode, and DPO's
+    reference: with full fine-tuning generation k loaded again; with LoRA None, since TRL then uses
+    the model with its adapter disabled, which is generation k too."""
+    tokenizer = load_tokenizer(parent, model_cfg.trust_remote_code)
+    tokenizer.padding_side = "right"  # training pads on the right; sampling on the left
+    model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
+    model.train()
+    ref = None
+    if recipe.reference and not lora.enabled:
+        ref = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
+    return tokenizer, model, ref
+
+
+def _trainer(recipe: Recipe, model, ref, args, dataset, tokenizer, lora, callbacks):
+    import trl
+
+    extra = {"ref_model": ref} if recipe.reference else {}
+    return getattr(trl, recipe.trainer_class)(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config(lora) if lora.enabled else None, callbacks=callbacks, **extra)
 
 
 def _launched_with(strategy: str) -> bool:
     """Whether `accelerate launch` asked this rank for FSDP or DEEPSPEED (it says so in the environment)."""
-    import os
-
     return os.environ.get(f"ACCELERATE_USE_{strategy}", "").lower() == "true"
 
 
 def sharding_requested() -> str | None:
     """The sharded strategy `accelerate launch` asked this rank for."""
-    import os
-
     if _launched_with("FSDP"):
         return "fsdp"
     if _launched_with("DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
@@ -274,8 +347,6 @@ def sharding(accelerator) -> str | None:
 def check_strategy(accelerator) -> None:
     """Refuse a sharded strategy that accelerate did not turn on. accelerate (1.15) enables FSDP and
     DeepSpeed only on accelerator devices: on CPU it would quietly run plain data parallel."""
-    import os
-
     wanted = "deepspeed" if _launched_with("DEEPSPEED") else "fsdp" if _launched_with("FSDP") else None
     if wanted and accelerator.distributed_type.value.lower() != wanted:
         config = os.environ.get("SELFTRAIN_ACCELERATE_CONFIG", "")
@@ -384,56 +455,12 @@ def dpo_summary(logs: list[dict]) -> dict:
     return out
 
 
-def train_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
-              work_dir: Path, tracking: dict | None = None) -> dict:
-    """DPO of `parent` on a preference dataset, reference = `parent`; write the model atomically."""
-    from transformers import set_seed
-    from trl import DPOTrainer
-
-    from selftrain.preferences import check_preference_dataset
-
-    check_preference_dataset(data_dir)
-    # in memory, as for SFT: TRL's map would otherwise write cache files into the recorded data folder
-    dataset = load_from_disk(str(data_dir), keep_in_memory=True).select_columns(["prompt", "chosen", "rejected"])
-    args = dpo_config(train_cfg, work_dir, seed, tracking)
-    os.environ.update(trackers.trl_environment(tracking))
-    set_seed(seed)
-    tokenizer = load_tokenizer(parent, model_cfg.trust_remote_code)
-    tokenizer.padding_side = "right"
-    model = load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle)
-    model.train()
-    # Full fine-tuning: generation k again, frozen, as the reference. LoRA: TRL disables the adapter.
-    ref = None if train_cfg.lora.enabled else load_model(parent, model_cfg.dtype, model_cfg.trust_remote_code,
-                                                         model_cfg.allow_pickle)
-    before = None if sharding_requested() else parent_weights(parent, model)
-    guard = StopOnNonFinite()
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config(train_cfg.lora) if train_cfg.lora.enabled else None,
-                         callbacks=[guard, StopOnInterrupt()])
-    trackers.point_trainer(trainer, tracking)
-    check_strategy(trainer.accelerator)
-    result = trainer.train()
-    check_interrupt()  # a first SIGINT/SIGTERM stops after the current step and saves nothing
-    if guard.bad_step is not None:
-        raise UserError(f"DPO loss became NaN or infinite at step {guard.bad_step}; "
-                        "lower train.dpo.learning_rate or train.dpo.beta")
-    change = _save(trainer, before, tokenizer, out_model, train_cfg.lora, parent, model_cfg)
-    logs = trainer.state.log_history
-    write_json(work_dir / "train_log.json", logs)
-    losses = [r["loss"] for r in logs if "loss" in r]
-    return {"method": "dpo", "rows": len(dataset), "steps": trainer.state.global_step,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "train_runtime_s": result.metrics.get("train_runtime"), "lora": bool(train_cfg.lora.enabled),
-            "reference": parent, "beta": args.beta, **dpo_summary(logs), **change}
-
-
 def train_sft_dpo(parent: str, data_dir: Path, out_model: Path, train_cfg, model_cfg, seed: int,
                   work_dir: Path, tracking: dict | None = None) -> dict:
     """SFT on data_dir/sft, then DPO from the SFT model on data_dir/preference (reference = the SFT model).
 
     The SFT model lives in work_dir/sft_model only until DPO has written `out_model`; DPO's log is
     work_dir/train_log.json, SFT's work_dir/sft/train_log.json."""
-    import os
     import shutil
 
     from selftrain.preferences import check_preference_dataset

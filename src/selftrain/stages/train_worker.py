@@ -11,7 +11,7 @@ joins the process group, and its own memory holds no model while training runs. 
 runs the same training function. Under data parallel every rank holds the whole model: ranks
 other than 0 write their copy to a scratch folder that is removed afterwards. Under FSDP or
 DeepSpeed ZeRO-3 each rank holds a slice: the save gathers the full weights (a collective) and
-rank 0 alone writes them (`selftrain.stages.train._save_gathered`). Either way only rank 0 writes the
+rank 0 alone writes them (see `selftrain.stages.train`). Either way only rank 0 writes the
 next generation.
 
 A worker that fails on a user error prints `selftrain-worker: error: ...` and exits 2; the
