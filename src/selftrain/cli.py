@@ -220,7 +220,7 @@ def _drift(cfg) -> None:
     import datasets
 
     from selftrain.monitor.probe import monitor_checkpoints
-    from selftrain.config.schema import validate_monitor
+    from selftrain.config.checks import validate_monitor
 
     datasets.disable_progress_bars()
     validate_monitor(cfg.monitor)
@@ -236,7 +236,7 @@ def _drift(cfg) -> None:
 def _validate(cfg) -> None:
     import datasets
 
-    from selftrain.config.schema import check_trl_fields, validate_monitor
+    from selftrain.config.checks import check_trl_fields, validate_monitor
     from selftrain.monitor.validate import run
 
     datasets.disable_progress_bars()

@@ -110,10 +110,9 @@ def _architecture(model) -> dict:
     return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers}
 
 
-# Rows the probe passes' linear layers are reordered for (`sample.packed_linears`): a scoring
-# chunk is 16 pairs of 20-45 tokens. Packed, both scoring calls and the held-out perplexity took
-# 30.0/32.7 against 37.5/37.8 s plain (gen-001 of the default experiment, 2-core CPU, 2026-11-27);
-# scores agreed to 5e-6, activations to 5e-7 relative.
+# Rows the probe passes' linear layers are reordered for (`hf.packed_linears`): a scoring chunk
+# is 16 pairs of 20-45 tokens. Packing makes the scoring calls and the held-out perplexity faster
+# at a difference in scores far below any threshold (benchmarks/RESULTS.md).
 PROBE_ROWS = 512
 # A direction is fitted by cross-validation; below this many pairs its layer choice is noise.
 MIN_DIRECTION_PAIRS = 4
