@@ -22,7 +22,7 @@ from selftrain.analysis.stats import (LEVELS, collapse_levels, compare, concealm
                     trend)
 from selftrain.analysis import plots
 from selftrain.analysis.stats import COLLAPSE_WORSE_IF_HIGHER, COLLAPSE_WORSE_IF_LOWER
-from selftrain.analysis.pages import fmt, page
+from selftrain.analysis.render import fmt, page
 from selftrain.run.records import gen_dir, read_json, read_jsonl, write_json, write_text
 from selftrain.run.resume import STAGES
 
