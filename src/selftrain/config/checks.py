@@ -106,7 +106,7 @@ _PENALTY_AS = ("repetition_penalty", "frequency_penalty", "none")
 
 
 def validate_sampler(s: Any, generations: int) -> None:
-    """Sampler keys. What the machine offers (vllm installed, GPUs) is serving.check_engine's."""
+    """Sampler keys. What the machine offers (vllm installed, GPUs) is engines.factory.check_engine's."""
     if s.backend not in _BACKENDS:
         raise UserError(f"sampler.backend={s.backend}: must be one of {', '.join(_BACKENDS)}")
     if s.backend == "openai":
@@ -148,6 +148,7 @@ def _no_unknown_keys(cfg: Any, schema: type, prefix: str = "") -> None:
 
 
 def validate_monitor(m: Any) -> None:
+    """Ranges of the monitor group (shared by selftrain, selftrain-drift and selftrain-validate)."""
     if not 0 < m.alpha < 1:
         raise UserError(f"monitor.alpha={m.alpha}: must be in (0, 1)")
     for key in ("min_effect", "watch_effect", "activation_shift", "embedding_effect", "collapse_rel"):
