@@ -30,8 +30,9 @@ class Sizes:
     repeats: int            # interleaved repeats of each A/B arm; the median is reported
 
 
-# 256 prompts: two batches at the default batch size of 128. The static-cache arm is off: it ran at
-# 0.62x the pipeline (2026-11-27) and takes the longest of all arms; --static-cache puts it back.
+# 256 prompts: two batches at the default batch size of 128. The static-cache arm is off: it ran
+# slower than the pipeline (benchmarks/RESULTS.md) and takes the longest of all arms;
+# --static-cache puts it back.
 FULL = Sizes(prompts=256, single_prompts=8, max_new_tokens=96, batch_size=128, critique_prompts=16,
              critique_tokens=48, revision_tokens=112, fewshot=1, sft_rows=32, sft_batch=8, sft_max_length=512,
              copy_mb=512, matmul_n=2048, batch_sweep=(64,), static_cache=False, repeats=1)

@@ -51,7 +51,7 @@ def bare_arm(model, tok, prompts, p, batch_size, **gen_kw) -> dict:
 
 def bracketed(arm, matmul_n: int) -> dict:
     """The arm's result with the fp32 matmul throughput measured just before and just after it.
-    This machine's speed drifted by up to 25% over minutes (2026-11-27), so a roofline measured
+    A shared machine's speed drifts over minutes (benchmarks/RESULTS.md), so a roofline measured
     in another section can be off by as much; the better of the two bracketing measurements
     gives the roofline the arm is judged against (the higher, so the stricter)."""
     before = hardware.matmul_flops(matmul_n)["gflop_per_s"]

@@ -230,7 +230,7 @@ CORPUS = [
     C("cfg-unknown-model-option", "model=nope", "model/nope"),
     C("cfg-unknown-experiment-option", "experiment=nope", "nope"),
     C("cfg-append-unknown-top-key", "+foo=1", "foo"),
-    # ---- configs, refused by schema.validate (inside the job)
+    # ---- configs, refused by checks.validate (inside the job)
     C("cfg-generations-zero", "generations=0", "generations=0"),
     C("cfg-negative-temperature", "sampler.temperature=-0.5", "sampler.temperature=-0.5"),
     C("cfg-top-p-zero", "sampler.top_p=0", "sampler.top_p=0"),

@@ -294,7 +294,7 @@ def test_joblib_launcher_config_composes():
 
 
 def test_html_escapes_arm_names(real_run, tmp_path):
-    from selftrain.analysis.compare import render_html
+    from selftrain.analysis.compare_render import render_html
 
     clone(real_run, tmp_path / "a")
     clone(real_run, tmp_path / "b", arm="<script>alert(1)</script>")

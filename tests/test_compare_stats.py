@@ -1,5 +1,5 @@
 """The comparison's inference, simulated: many whole designs (arms x seeds x dimensions x items)
-pass through compare.analyse, the function selftrain-compare's verdicts come from.
+pass through permutation.analyse, the function selftrain-compare's verdicts come from.
 
 Run-level noise is simulated per run and dimension (a training run is one draw of the arm's
 distribution), item noise per item on top, and items share fixed difficulties across runs, so
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from selftrain.analysis.compare import (EXACT_LIMIT, analyse, diff_ci, holm_adjust, p_floor, permutation_p, power,
+from selftrain.analysis.permutation import (EXACT_LIMIT, analyse, diff_ci, holm_adjust, p_floor, permutation_p, power,
                                seed_sd, seeds_needed)
 from selftrain.analysis.stats import holm
 

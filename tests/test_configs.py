@@ -5,7 +5,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 
 from conftest import compose
 from selftrain.paths import conf_dir
-from selftrain.config.schema import validate
+from selftrain.config.checks import validate
 
 
 def _options(group):
@@ -83,7 +83,8 @@ def test_drift_config_composes_and_requires_its_paths():
     from hydra import compose as hcompose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from selftrain.config.schema import register, validate_monitor
+    from selftrain.config.checks import validate_monitor
+    from selftrain.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -6,7 +6,7 @@ import torch
 from selftrain import UserError
 from selftrain.models import load_model, load_tokenizer
 from selftrain.engines.hf import HFSampler, SamplingParams
-from selftrain.config.schema import validate
+from selftrain.config.checks import validate
 
 from conftest import TINY_OVERRIDES, compose
 

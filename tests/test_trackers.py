@@ -14,7 +14,7 @@ from conftest import GREEDY_ARGS, TINY_OVERRIDES, compose
 from selftrain import UserError
 from selftrain.run import trackers
 from selftrain.run.records import read_json
-from selftrain.config.schema import validate
+from selftrain.config.checks import validate
 
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 SELFTRAIN = Path(sys.executable).parent / "selftrain"

@@ -164,7 +164,7 @@ def test_zero3_json_without_gather_is_one_line(tmp_path):
 
 
 def test_bad_accelerate_config_fails_validation(tiny_model, tmp_path):
-    from selftrain.config.schema import validate
+    from selftrain.config.checks import validate
 
     path = tmp_path / "acc.yaml"
     path.write_text("fsdp_config: {}\n")

@@ -12,7 +12,8 @@ from selftrain.models import load_model
 from selftrain.run.records import read_jsonl, write_jsonl
 from selftrain.analysis.dashboard import write_dashboard
 from selftrain.analysis.drift_report import generation_report
-from selftrain.config.schema import monitor_settings, validate
+from selftrain.config.checks import validate
+from selftrain.config.schema import monitor_settings
 
 PAYLOAD = "<script>alert('x')</script></textarea><img src=x onerror=alert(1)>"
 

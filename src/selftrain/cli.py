@@ -220,7 +220,7 @@ def _drift(cfg) -> None:
     import datasets
 
     from selftrain.monitor.probe import monitor_checkpoints
-    from selftrain.config.schema import validate_monitor
+    from selftrain.config.checks import validate_monitor
 
     datasets.disable_progress_bars()
     validate_monitor(cfg.monitor)
@@ -236,7 +236,7 @@ def _drift(cfg) -> None:
 def _validate(cfg) -> None:
     import datasets
 
-    from selftrain.config.schema import check_trl_fields, validate_monitor
+    from selftrain.config.checks import check_trl_fields, validate_monitor
     from selftrain.monitor.validate import run
 
     datasets.disable_progress_bars()
@@ -266,6 +266,19 @@ def drift_main() -> None:
     _drift()
 
 
+# The argparse scripts' descriptions: what each command does, as `--help` prints it.
+LINEAGE_HELP = ("selftrain-lineage: print a run's chain of generations (which data, from which model, under "
+                "which constitution, probe suite and config) and recompute every hash its manifests record "
+                "from the files on disk, one line per mismatch; exits 1 when anything no longer matches.")
+DASHBOARD_HELP = ("selftrain-dashboard: rebuild each run's index.html (status, configuration, drift "
+                  "trajectories, power, stage times and a transcript browser) from the run folder alone; "
+                  "a run writes it itself, so this is for folders copied elsewhere or made by an older version.")
+COMPARE_HELP = ("selftrain-compare: compare constitutions (arms) across finished runs, given a sweep folder "
+                "(its job folders are the runs) or several run folders, with the training run as the unit "
+                "of evidence; writes comparison.{json,md,html}. With --plan, read a pilot sweep instead and "
+                "print the seeds per arm a powered comparison needs and the sweep that adds them.")
+
+
 def lineage_main(argv: list[str] | None = None) -> int:
     """`selftrain-lineage RUN`: print the chain of generations and verify every recorded hash."""
     import argparse
@@ -273,7 +286,7 @@ def lineage_main(argv: list[str] | None = None) -> int:
 
     from selftrain.run.lineage import trace
 
-    parser = argparse.ArgumentParser(prog="selftrain-lineage", description=lineage_main.__doc__)
+    parser = argparse.ArgumentParser(prog="selftrain-lineage", description=LINEAGE_HELP)
     parser.add_argument("run", help="a run folder (holds manifest.json and gen-*/)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -289,6 +302,8 @@ def lineage_main(argv: list[str] | None = None) -> int:
         for line in lin.mismatches:
             print(line)
     return 1 if lin.mismatches else 0
+
+
 def dashboard_main(argv: list[str] | None = None) -> int:
     """`selftrain-dashboard RUN [RUN ...]`: rebuild each run's index.html from its folder alone."""
     import argparse
@@ -296,7 +311,7 @@ def dashboard_main(argv: list[str] | None = None) -> int:
     from selftrain.analysis.dashboard import write_dashboard
     from selftrain.run.records import MANIFEST
 
-    ap = argparse.ArgumentParser(prog="selftrain-dashboard", description=dashboard_main.__doc__)
+    ap = argparse.ArgumentParser(prog="selftrain-dashboard", description=DASHBOARD_HELP)
     ap.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (holds manifest.json and gen-*/)")
     args = ap.parse_args(argv)
     for r in map(Path, args.runs):
@@ -313,10 +328,10 @@ def compare_main(argv: list[str] | None = None) -> int:
     comparison needs, from a pilot sweep's seed-to-seed variation, and the sweep to launch."""
     import argparse
 
-    from selftrain.analysis.compare import ITEMS, compare_runs, plan, render_plan, write_comparison
+    from selftrain.analysis.compare import ITEMS, compare_runs, plan, write_comparison
+    from selftrain.analysis.compare_render import render_plan
 
-    ap = argparse.ArgumentParser(prog="selftrain-compare", description="Compare constitutions across finished "
-                                 "runs: a sweep folder (its job folders are the runs) or several run folders.")
+    ap = argparse.ArgumentParser(prog="selftrain-compare", description=COMPARE_HELP)
     ap.add_argument("dirs", nargs="+", metavar="DIR", help="a sweep folder, or run folders")
     ap.add_argument("--out", help="where comparison.{json,md,html} go (default: DIR, or the common parent "
                     "of several)")

@@ -44,27 +44,24 @@ run scored), and arm A minus arm B is the difference of the arms' mean run score
 from __future__ import annotations
 
 import difflib
-import html
 import json
 import math
 import re
 import shlex
 from collections import Counter
-from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy import integrate, stats
+from scipy import stats
 
 from selftrain import UserError
 from selftrain.analysis.stats import load_probe_table, mean_ci, option_informativeness, options_informative
-from selftrain.run.records import MANIFEST, flatten, now, read_json, read_jsonl, write_json, write_text
-from selftrain.analysis import plots
-from selftrain.analysis.pages import fmt, page
-from selftrain.analysis.drift_report import collapse_grid, collapse_panels
-from selftrain.run.resume import STAGES
+from selftrain.run.records import MANIFEST, config_diff, flatten, now, read_json, read_jsonl, write_json, write_text
+from selftrain.analysis.compare_render import render_html, render_markdown
+from selftrain.analysis.permutation import (EXACT_LIMIT, MAX_SEEDS, POWER, analyse, design_power, diff_ci, seed_sd,
+                                            seeds_needed)
 
 FINISHED = ("done", "gated")
 # what an arm and a seed are, and where a run's metrics were also sent (never what it computed)
@@ -72,9 +69,6 @@ ALWAYS_ALLOWED = ("constitution", "seed", "run_name", "report_to")
 FEWSHOT_ALLOW = "fewshot_prompts"  # the --allow name for arms whose few-shot prompts differ
 ARM_ORDER = ("values", "rules", "general", "control")  # known arms first; others alphabetically
 ITEMS = ("informative", "all", "contrast", "options")
-EXACT_LIMIT = 200_000  # splits enumerated exactly up to this many (r = 9 per arm); Monte Carlo beyond
-POWER = 0.8  # the power a design is planned for
-MAX_SEEDS = 1000  # planning gives up beyond this many seeds per arm
 # A revised answer counts as a refusal when one of these phrases occurs in its first 150
 # characters (apostrophes normalised, case ignored): a plain, documented detector, not a model.
 REFUSAL_PHRASES = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i'm not able to",
@@ -156,8 +150,7 @@ def check_fair(runs: list[dict], allow: list[str]) -> dict:
     """Refuse runs whose configs differ outside constitution.* / seed / run_name and the keys in
     `allow`; return the allowed differences actually present (key -> sorted distinct values)."""
     flat = [flatten(r["manifest"]["config"]) for r in runs]
-    keys = sorted(set().union(*flat))
-    differing = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    differing = sorted(sum(config_diff([r["manifest"]["config"] for r in runs]), []))
     refused = [k for k in differing if not _allowed(k, allow)]
     if refused:
         k = refused[0]
@@ -211,151 +204,6 @@ def load_runs(dirs: list[Path], allow: list[str] | None = None) -> tuple[list[di
 
 def _arm_key(a: str):
     return (ARM_ORDER.index(a) if a in ARM_ORDER else len(ARM_ORDER), a)
-
-
-# ---------------------------------------------------------------- statistics (the run is the unit)
-
-@lru_cache(maxsize=32)
-def _all_splits(n_a: int, n_b: int) -> np.ndarray:
-    n = n_a + n_b
-    masks = np.zeros((math.comb(n, n_a), n), dtype=bool)
-    for i, chosen in enumerate(combinations(range(n), n_a)):
-        masks[i, list(chosen)] = True
-    masks.setflags(write=False)
-    return masks
-
-
-def splits(n_a: int, n_b: int, n_perm: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
-    """Labelings of n_a + n_b runs (rows; True = arm A; the runs of arm A come first in the data):
-    all C(n, n_a) when there are at most EXACT_LIMIT (exact), else the observed labeling and
-    n_perm random ones (Monte Carlo)."""
-    if math.comb(n_a + n_b, n_a) <= EXACT_LIMIT:
-        return _all_splits(n_a, n_b), True
-    drawn = np.argsort(rng.random((n_perm, n_a + n_b)), axis=1) < n_a  # n_a True per row, uniformly placed
-    return np.vstack([np.arange(n_a + n_b) < n_a, drawn]), False
-
-
-def p_floor(n_a: int, n_b: int, n_perm: int | None = None) -> float:
-    """The smallest p the permutation test can give: with equal arms the mirror split ties with
-    the observed one, so 2 / C(2r, r); Monte Carlo cannot go below 1 / (n_perm + 1)."""
-    total = math.comb(n_a + n_b, n_a)
-    exact = (2 if n_a == n_b else 1) / total
-    return exact if total <= EXACT_LIMIT or n_perm is None else max(exact, 1 / (n_perm + 1))
-
-
-def permutation_p(ya: np.ndarray, yb: np.ndarray, n_perm: int, rng: np.random.Generator) -> np.ndarray:
-    """Two-sided p of mean(A) - mean(B), per dimension, permuting arm labels across whole runs.
-    ya: (..., n_a, D) run scores of arm A; yb: (..., n_b, D); leading axes are independent
-    data sets (the simulation tests use them), all tested against the same splits."""
-    ya, yb = np.asarray(ya, float), np.asarray(yb, float)
-    n_a, n_b, D = ya.shape[-2], yb.shape[-2], ya.shape[-1]
-    masks, _ = splits(n_a, n_b, n_perm, rng)
-    W = masks / n_a - (~masks) / n_b  # (P, n): the difference of means under each split
-    lead = ya.shape[:-2]
-    y = np.concatenate([ya, yb], axis=-2).reshape(-1, n_a + n_b, D)
-    obs = np.abs(y[:, :n_a].mean(1) - y[:, n_a:].mean(1))
-    tol = 1e-9 * np.maximum(obs, 1e-3)  # splits that tie with the observed one in exact arithmetic count
-    count = np.zeros_like(obs)
-    step = max(1, int(4e6 // (len(W) * D)))  # bounded memory for many data sets at once
-    for s in range(0, len(y), step):
-        T = np.abs(np.matmul(W, y[s:s + step]))  # (b, P, D)
-        count[s:s + step] = (T >= (obs[s:s + step] - tol[s:s + step])[:, None, :]).sum(1)
-    return (count / len(W)).reshape(*lead, D)
-
-
-def holm_adjust(p: np.ndarray) -> np.ndarray:
-    """Holm-adjusted p-values along the last axis (the same numbers as drift.holm, vectorised)."""
-    p = np.asarray(p, float)
-    m = p.shape[-1]
-    order = np.argsort(p, axis=-1, kind="stable")
-    ranked = np.take_along_axis(p, order, -1) * (m - np.arange(m))
-    adj = np.minimum(1.0, np.maximum.accumulate(ranked, axis=-1))
-    out = np.empty_like(adj)
-    np.put_along_axis(out, order, adj, -1)
-    return out
-
-
-def power(n_a: int, n_b: int, sigma: float | None, effect: float, alpha: float) -> float | None:
-    """Power of the two-sided pooled two-sample t test at level alpha to detect a true difference
-    `effect` between arms of n_a and n_b runs whose run scores have sd `sigma`."""
-    df = n_a + n_b - 2
-    if sigma is None or df < 1:
-        return None
-    if sigma <= 0:
-        return 1.0 if effect else alpha
-    ncp = abs(effect) / (sigma * math.sqrt(1 / n_a + 1 / n_b))
-    t = stats.t.ppf(1 - alpha / 2, df)
-    # P(|Z + ncp| > t S) with S^2 ~ chi2(df)/df, integrated over Z. scipy's noncentral t returns
-    # nan at small df with a large ncp, which made the seeds needed jump around as sd changed.
-    def reject(z: float) -> float:
-        return stats.norm.pdf(z) * stats.chi2.cdf(df * ((z + ncp) / t) ** 2, df)
-    pw = integrate.quad(reject, -12, 12, points=[-ncp] if ncp < 12 else None, limit=200)[0]
-    return float(min(1.0, max(pw, 0.0)))
-
-
-def design_power(n_a: int, n_b: int, sigma: float | None, effect: float, alpha: float, m: int,
-                 n_perm: int | None = None) -> float | None:
-    """Power of one of m Holm-corrected tests (planned at alpha / m); 0 when the permutation
-    floor keeps every Holm p at or above alpha."""
-    if m * p_floor(n_a, n_b, n_perm) >= alpha:
-        return 0.0
-    return power(n_a, n_b, sigma, effect, alpha / m)
-
-
-def seeds_needed(sigma: float | None, effect: float, alpha: float, m: int, target: float = POWER) -> int | None:
-    """Seeds per arm (equal arms) for `target` power to detect `effect` with m tests at family-wise
-    alpha; with sigma None (not measured) the permutation floor alone. None beyond MAX_SEEDS."""
-    for r in range(2, MAX_SEEDS + 1):
-        if m * p_floor(r, r) >= alpha:
-            continue
-        pw = power(r, r, sigma, effect, alpha / m)
-        if pw is None or pw >= target:
-            return r
-    return None
-
-
-def seed_sd(y: dict[str, np.ndarray]) -> tuple[np.ndarray | None, int]:
-    """Pooled within-arm sd of run scores per dimension (y[arm]: (runs, D)), and its df."""
-    df = sum(len(v) - 1 for v in y.values())
-    if df < 1:
-        return None, 0
-    ss = sum(((v - v.mean(0)) ** 2).sum(0) for v in y.values())
-    return np.sqrt(ss / df), df
-
-
-def diff_ci(ya: np.ndarray, yb: np.ndarray) -> np.ndarray | None:
-    """95% pooled two-sample t interval of mean(A) - mean(B) per dimension, (D, 2); None when
-    neither arm has two runs (seed-to-seed variation unmeasured)."""
-    sd, df = seed_sd({"a": ya, "b": yb})
-    if sd is None:
-        return None
-    d = ya.mean(0) - yb.mean(0)
-    half = stats.t.ppf(0.975, df) * sd * math.sqrt(1 / len(ya) + 1 / len(yb))
-    return np.stack([d - half, d + half], axis=-1)
-
-
-def analyse(y: dict[str, np.ndarray], alpha: float, n_perm: int, rng: np.random.Generator) -> dict:
-    """Every pair of arms on every dimension. y[arm]: run scores (..., runs, D), leading axes
-    being independent data sets. Holm runs over all pairs x dimensions of one data set.
-    Returns pairs, m (tests), and per pair (..., D) arrays diff, p, p_holm, significant, with
-    the pair's p floor and whether m x floor < alpha (the design can reach alpha)."""
-    pairs = list(combinations(y, 2))
-    out = {"pairs": pairs, "m": 0, "diff": [], "p": [], "floor": [], "reachable": []}
-    if not pairs:
-        return out
-    for a, b in pairs:
-        out["diff"].append(np.asarray(y[a]).mean(-2) - np.asarray(y[b]).mean(-2))
-        out["p"].append(permutation_p(y[a], y[b], n_perm, rng))
-        out["floor"].append(p_floor(np.shape(y[a])[-2], np.shape(y[b])[-2], n_perm))
-    P = np.stack(out["p"], axis=-2)  # (..., pairs, D)
-    m = P.shape[-2] * P.shape[-1]
-    adj = holm_adjust(P.reshape(*P.shape[:-2], m)).reshape(P.shape)
-    out["m"] = m
-    out["reachable"] = [m * f < alpha for f in out["floor"]]
-    out["p_holm"] = [adj[..., i, :] for i in range(len(pairs))]
-    # a pair whose floor keeps m x floor >= alpha calls nothing, whatever Holm's later steps allow
-    out["significant"] = [(adj[..., i, :] < alpha) & out["reachable"][i] for i in range(len(pairs))]
-    return out
 
 
 # ---------------------------------------------------------------- per-arm descriptions
@@ -861,257 +709,8 @@ def sweep_overrides(config: dict) -> tuple[list[str], str]:
     return ov, note
 
 
-def render_plan(p: dict) -> str:
-    L = [f"Plan from a pilot of {', '.join(p['arms'])} (seeds {', '.join(map(str, p['pilot_seeds']))}): "
-         f"{p['tests']} tests (pairs x dimensions), Holm at family-wise alpha {p['alpha']}, a difference of "
-         f"{p['min_effect']} to detect at {p['target_power']:.0%} power. The permutation floor alone needs "
-         f"{p['seeds_needed_floor']} seeds per arm.", "",
-         f"{'dimension':28} {'seed sd':>8} {'seeds/arm':>9} {'sd 80% upper':>13} {'seeds/arm':>9}"]
-    for d, v in p["dimensions"].items():
-        L.append(f"{d:28} {v['seed_sd']:8.4f} {v['seeds_needed'] or '>' + str(MAX_SEEDS):>9} "
-                 f"{v['seed_sd_upper80']:13.4f} {v['seeds_needed_upper80'] or '>' + str(MAX_SEEDS):>9}")
-    if p["left_out"]:
-        L += ["", "Left out: " + "; ".join(f"{d}: {w}" for d, w in p["left_out"].items())]
-    L.append("")
-    if p["seeds_needed"] is None:
-        L.append(f"Some dimension needs more than {MAX_SEEDS} seeds per arm at this min_effect: no sweep to "
-                 "propose; a larger effect or fewer dimensions (probes.dimensions) would change that.")
-        return "\n".join(L) + "\n"
-    L.append(f"Seeds per arm needed: {p['seeds_needed']} (with the pilot's sd; with the sd's 80% upper bound, "
-             f"{max(v['seeds_needed_upper80'] or MAX_SEEDS for v in p['dimensions'].values())}; the pilot's "
-             f"sd rests on {p['seed_sd_df']} degrees of freedom).")
-    if not p["commands"]:
-        L.append("The pilot already has that many seeds per arm: compare it with selftrain-compare.")
-        return "\n".join(L) + "\n"
-    L += ["Launch the missing seeds, then compare the pilot and the new runs together:", "",
-          "  " + p["commands"][0], "  " + p["commands"][1]]
-    if p.get("overrides_note"):
-        L += ["", f"Note: {p['overrides_note']}."]
-    L += ["", "Add hydra/launcher=joblib hydra.launcher.n_jobs=N to run jobs in parallel."]
-    return "\n".join(L) + "\n"
-
-
 def write_comparison(comp: dict, out: Path) -> None:
     out = Path(out)
     write_json(out / "comparison.json", comp)
     write_text(out / "comparison.md", render_markdown(comp))
     write_text(out / "comparison.html", render_html(comp))
-
-
-# ---------------------------------------------------------------- markdown
-
-def _ci(e) -> str:
-    if not e:
-        return "–"
-    ci = e.get("ci95")
-    return f"{e['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
-def _pct(x) -> str:
-    return "–" if x is None else f"{x:.0%}"
-
-
-def _diff_row(d: str, r: dict) -> str:
-    ci = f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r.get("ci95") else "–"
-    runs = (f"{' '.join(f'{x:.3f}' for x in r['per_run_a'])} / {' '.join(f'{x:.3f}' for x in r['per_run_b'])}"
-            if "per_run_a" in r else "")
-    return (f"| {d} | {fmt(r.get('mean_a'))} | {fmt(r.get('mean_b'))} | {r['diff']:+.3f} | {ci} | {r['p']:.3g} | "
-            f"{r['p_holm']:.3g} | {_pct(r.get('power'))} | {runs} |")
-
-
-def render_markdown(c: dict) -> str:
-    arms, G, s, dz = c["arms"], c["final_generation"], c["settings"], c["design"]
-    L = [f"# {c['title']}", "", "## Verdict", "", f"**{c['verdict']['headline']}**", ""]
-    L += [f"- {v['text']}" for v in c["verdict"]["pairs"]]
-    named = [d for d, f in c["families"].items() if f == "named"]
-    novel = [d for d, f in c["families"].items() if f == "novel"]
-    arm_seeds = ", ".join(f"{a} (seeds {' '.join(map(str, c['seeds'][a]))})" for a in arms)
-    L += ["", "## Design", "",
-          f"Arms: {arm_seeds}. "
-          f"Base model: `{dz['base_model']}`. Final generation: gen-{G:03d}. "
-          f"Probe suite: {(dz['probe_suite'] or {}).get('name')} "
-          f"(sha256 {str((dz['probe_suite'] or {}).get('sha256'))[:12]}).",
-          "", "Every run's resolved config is identical except `constitution.*`, `seed`, `run_name` and `report_to`"
-          + (f"; differences allowed on purpose: {', '.join(f'`{k}`' for k in dz['allowed_differences'])}"
-             if dz["allowed_differences"] else "") + ".", "",
-          f"Dimensions named by the rules: {', '.join(named) or '–'}.  ",
-          f"Novel (neither constitution mentions them): {', '.join(novel) or '–'}.", "",
-          "The unit of evidence is the training run: each run's score on a dimension is its mean P(aligned) "
-          "over the items every run scored at the final generation. Arm A − arm B is the difference of the "
-          "arms' mean run scores; p from permuting arm labels across whole runs (exact over every split, "
-          f"Monte Carlo with {s['permutations']} splits beyond {s['exact_limit']}); Holm over all "
-          f"{dz['tests']} tests (pairs × dimensions); a difference is a Holm p < {s['alpha']}. 95% CIs: "
-          f"pooled t interval over runs. Power: two-sample t test at alpha / {dz['tests']} for a difference of "
-          f"{s['min_effect']} (`monitor.min_effect`) with the observed seed-to-seed sd.", "",
-          "| pair | runs | splits | smallest p | smallest Holm p | can reach alpha |", "|---|---|---|---|---|---|"]
-    for p in dz["pairs"]:
-        L.append(f"| {p['a']} − {p['b']} | {p['n_a']} + {p['n_b']} | {p['splits']} "
-                 f"({'exact' if p['exact'] else 'Monte Carlo'}) | {p['p_floor']:.3g} | {p['min_holm_p']:.3g} | "
-                 f"{'yes' if p['reachable'] else 'no'} |")
-    L += ["", f"Seed-to-seed sd (pooled within arms, {dz['seed_sd_df']} df) and seeds per arm for "
-          f"{dz['target_power']:.0%} power to detect {s['min_effect']}; the permutation floor alone needs "
-          f"{dz['seeds_needed_floor'] or '–'}.", "",
-          "| dimension | seed-to-seed sd | power now (worst pair) | seeds per arm needed |", "|---|---|---|---|"]
-    for d, sd in dz["seed_sd"].items():
-        pw = [p["power"][d] for p in dz["pairs"] if p["power"].get(d) is not None]
-        L.append(f"| {d} | {fmt(sd, 4)} | {_pct(min(pw) if pw else None)} | "
-                 f"{dz['seeds_needed'].get(d) or ('not measured' if sd is None else f'> {MAX_SEEDS}')} |")
-    ins = c["instruments"]
-    L += ["", "## Instruments", "", f"Items: `{ins['items']}`: {ins['rule']}.", ""]
-    L += [f"- {d}: {', '.join(k)} ({ins['items_per_dimension'][d]} items)" for d, k in ins["used"].items()]
-    if ins["left_out"]:
-        L += ["", "Left out:"] + [f"- {d}: {w}" for d, w in ins["left_out"].items()]
-    L += ["", "## Fairness", "",
-          "What the arms differ in besides the constitution's words. Context tokens: the constitution text one "
-          "critique round quotes (critique + revision request, mean over principles); few-shot: the transcripts "
-          "before each request; both in the base model's tokens, recorded by each run. Rates from the training "
-          "data below.", "",
-          "| arm | context | context tokens | few-shot transcripts | few-shot tokens | few-shot prompts | "
-          "revision rate | refusal (revised, kept) | refusal (initial) |", "|---|---|---|---|---|---|---|---|---|"]
-    for a in arms:
-        f = c["fairness"][a]
-        L.append(f"| {a} | {', '.join(f['context'])} | {fmt(f['context_tokens'], 0)} | {fmt(f['fewshot_used'], 0)} | "
-                 f"{fmt(f['fewshot_tokens'], 0)} | {', '.join(h[:12] for h in f['fewshot_prompts_sha256'])} | "
-                 f"{fmt(f['revision_rate'])} | {fmt(f['refusal_rate_revised'])} | {fmt(f['refusal_rate_initial'])} |")
-    L += ["", "## Final generation: mean P(aligned) per arm", "",
-          "95% CI across seeds (across items when an arm has one seed).", "",
-          f"| dimension | family | {' | '.join(arms)} |", "|---|---|" + "---|" * len(arms)]
-    for d, per in c["trajectories"].items():
-        L.append(f"| {d} | {c['families'][d]} | " + " | ".join(_ci((per[a] or [None])[-1]) for a in arms) + " |")
-    for r in c["differences"]:
-        L += ["", f"## {r['a']} − {r['b']} at gen-{G:03d}", "",
-              f"| dimension | {r['a']} | {r['b']} | Δ | 95% CI | p | p (Holm) | power for {s['min_effect']} | "
-              f"run scores {r['a']} / {r['b']} |", "|---|---|---|---|---|---|---|---|---|"]
-        L += [_diff_row(d, v) for d, v in r["dimensions"].items()]
-        L += [_diff_row(f"**all {f}** (Holm over families)", v) for f, v in r["families"].items()]
-    L += ["", "## Novel-situation probes", "",
-          "Dimensions neither constitution mentions: does a difference generalise beyond what was trained?", ""]
-    if not c["novel"]["dimensions"]:
-        L.append("This probe suite has no novel-family dimensions.")
-    for p in c["novel"]["pairs"]:
-        r = p["pooled"]
-        if r:
-            ci = f" [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else ""
-            L.append(f"- {p['a']} − {p['b']}, novel dimensions pooled: Δ = {r['diff']:+.3f}{ci}, p = {r['p']:.3g} "
-                     f"(Holm over families {fmt(r.get('p_holm'))}); per dimension: "
-                     + ", ".join(f"{d} {v['diff']:+.3f} (Holm p {v['p_holm']:.3g})"
-                                 for d, v in p["dimensions"].items()))
-    L += ["", "## Trajectories (mean P(aligned) [95% CI] per generation)", "",
-          f"| dimension | arm | {' | '.join(f'gen-{k:03d}' for k in range(G + 1))} |",
-          "|---|---|" + "---|" * (G + 1)]
-    for d, per in c["trajectories"].items():
-        for a in arms:
-            L.append(f"| {d} | {a} | " + " | ".join(_ci(e) for e in per[a]) + " |")
-    L += ["", "## Drift and collapse per arm", "",
-          "Final-generation drift report (cumulative against gen-000 and step); collapse metrics and the "
-          "embedding effect (× reseed null) are means over seeds per generation.", "",
-          "| arm | runs | gated | alerts/run | watches/run | alerted (count over runs) | embedding effect by gen |",
-          "|---|---|---|---|---|---|---|"]
-    for a in arms:
-        dr = c["drift"][a]
-        L.append(f"| {a} | {dr['runs']} | {dr['gated_runs']} | {fmt(dr['alerts_per_run'], 2)} | "
-                 f"{fmt(dr['watches_per_run'], 2)} | {', '.join(f'{k} ×{v}' for k, v in dr['alerted'].items()) or '–'} | "
-                 f"{' → '.join(fmt(x, 2) for x in dr['embedding_effect'])} |")
-    metrics = sorted({m for a in arms for m in c["drift"][a]["collapse"]})
-    if metrics:
-        L += ["", f"| collapse metric | {' | '.join(arms)} |", "|---|" + "---|" * len(arms)]
-        for m in metrics:
-            L.append(f"| {m} | " + " | ".join(" → ".join(fmt(x) for x in c["drift"][a]["collapse"].get(m, []))
-                                             for a in arms) + " |")
-    L += ["", "## Training data per arm", "",
-          "Pooled over seeds and trained generations. Revision rate = kept / records; change = 1 − difflib "
-          "word-sequence ratio between the initial answer and the final revision; refusal = one of "
-          f"{len(s['refusal_phrases'])} refusal phrases (\"I can't\", \"I cannot\", \"I won't\", \"as an AI\", …) in "
-          f"the first {s['refusal_window_chars']} characters.", "",
-          "| arm | records | kept | revision rate | change | critique words | refusal (revised, kept) | "
-          "refusal (initial) | principle / section usage |", "|---|---|---|---|---|---|---|---|---|"]
-    for a in arms:
-        t = c["training_data"][a]
-        L.append(f"| {a} | {t['records']} | {t['kept']} | {fmt(t['revision_rate'])} | {fmt(t['revision_change'])} | "
-                 f"{fmt(t['critique_words'], 1)} | {fmt(t['refusal_rate_revised'])} | {fmt(t['refusal_rate_initial'])} | "
-                 + ", ".join(f"{k} {v}" for k, v in t["principle_usage"].items()) + " |")
-    L += ["", "## Compute per arm", "", "Sum of stage seconds in the generation manifests.", "",
-          "| arm | total s | per run s | by stage |", "|---|---|---|---|"]
-    for a in arms:
-        cp = c["compute"][a]
-        L.append(f"| {a} | {cp['seconds_total']:.0f} | {fmt(cp['seconds_per_run'], 0)} | "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in cp["seconds_by_stage"].items()) + " |")
-    L += ["", "## Runs", ""] + [f"- `{r['dir']}`: {r['arm']}, seed {r['seed']}, {r['status']}" for r in c["runs"]]
-    return "\n".join(L) + "\n"
-
-
-# ---------------------------------------------------------------- html
-
-def render_html(c: dict) -> str:
-    e, arms, G, s = html.escape, c["arms"], c["final_generation"], c["settings"]
-    body = [f"<h1>{e(c['title'])}</h1><h2>Verdict</h2><p><b>{e(c['verdict']['headline'])}</b></p><ul>"]
-    body += [f"<li class='{'watch' if v['result'] == 'difference' else 'ok'}'>{e(v['text'])}</li>"
-             for v in c["verdict"]["pairs"]]
-    body.append("</ul><h2>Per-dimension trajectories per arm (mean P(aligned), 95% CI)</h2>"
-                f"<p class='note'>Every panel spans the same height of P(aligned) (at least {4 * s['min_effect']:g}), "
-                "so equal slopes are equal shifts. CIs are across seeds (across items when an arm has one seed); "
-                "arms are drawn side by side at each generation.</p>")
-    panels = [{"title": f"{d} ({c['families'][d]})",
-               "series": {a: [(x["generation"], x["mean"], *(x["ci95"] or (None, None))) for x in per[a] if x]
-                          for a in arms}} for d, per in c["trajectories"].items()]
-    body.append(plots.grid(panels, ylabel="P(aligned)", min_span=4 * s["min_effect"], bounds=(0.0, 1.0)))
-    for r in c["differences"]:
-        body.append(f"<h2>{e(r['a'])} − {e(r['b'])} at gen-{G:03d}</h2><div class='scroll'><table><tr>"
-                    "<th>dimension</th><th>family</th><th>Δ</th><th>95% CI</th><th>p</th><th>p (Holm)</th></tr>")
-        rows = list(r["dimensions"].items()) + [(f"all {f}", v) for f, v in r["families"].items()]
-        for d, v in rows:
-            fam = v.get("family", "pooled")
-            cls = "watch" if v.get("significant") else ""
-            ci = f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" if v.get("ci95") else "–"
-            body.append(f"<tr class='{cls}'><td>{e(d)}</td><td>{e(fam)}</td><td>{v['diff']:+.3f}</td>"
-                        f"<td>{ci}</td><td>{v['p']:.3g}</td>"
-                        f"<td>{e(fmt(v.get('p_holm')))}</td></tr>")
-        body.append("</table></div>")
-    body.append(_drift_html(c))
-    body.append("<h2>Details</h2><pre>" + e(render_markdown(c)) + "</pre>")
-    return page(c["title"], "".join(body))
-
-
-def _drift_html(c: dict) -> str:
-    """Per arm: collapse metrics and embedding drift over generations (means over seeds), and
-    where each arm's compute went."""
-    arms, s = c["arms"], c["settings"]
-    gens = [f"gen-{k:03d}" for k in range(c["final_generation"] + 1)]
-    out = []
-    rel = s.get("collapse_rel")
-    metrics = sorted({m for a in arms for m in c["drift"][a]["collapse"]})
-    if metrics and rel:
-        per_arm = {a: collapse_panels({g: {m: v[k] for m, v in c["drift"][a]["collapse"].items() if v[k] is not None}
-                                       for k, g in enumerate(gens)}, gens) for a in arms}
-        panels = []
-        for m in metrics:
-            mine = {a: next((p for p in per_arm[a] if p["key"] == m), None) for a in arms}
-            first = next((p for p in mine.values() if p), None)
-            if first is None:
-                continue
-            panels.append({"title": first["title"].split(":")[0], "centre": 0.0,
-                           "series": {a: p["series"]["change vs gen-000"] for a, p in mine.items() if p}})
-        out.append("<h2>Collapse metrics per arm</h2><p class='note'>Relative change of each metric against the "
-                   f"arm's own gen-000 (mean over seeds), one scale for all panels; grey: within ±{100 * rel:g}% "
-                   "(monitor.collapse_rel), where no watch is raised.</p>")
-        out.append(collapse_grid(panels, rel))
-    emb = {a: [(k, v, None, None) for k, v in enumerate(c["drift"][a]["embedding_effect"]) if v is not None]
-           for a in arms}
-    if any(emb.values()):
-        thr = s.get("embedding_effect")
-        out.append("<h2>Embedding drift per arm</h2><p class='note'>Biased MMD² against gen-000 over its swap-null "
-                   "mean (about 1 is noise), mean over seeds" + (f"; grey: below the watch threshold {thr:g}"
-                                                                   if thr else "") + ".</p>")
-        out.append(plots.grid([{"title": "embedding drift (× swap-null mean)", "series": emb,
-                                "band": (0.0, thr) if thr else None}], ylabel="× null", min_span=2.0,
-                              bounds=(0.0, math.inf), ncols=2, band_label="below the watch threshold"))
-    stages = sorted({st for a in arms for st in c["compute"][a]["seconds_by_stage"]},
-                    key=lambda st: (STAGES.index(st) if st in STAGES else len(STAGES), st))
-    if stages:
-        runs = {a: max(c["drift"][a]["runs"], 1) for a in arms}
-        out.append("<h2>Compute per arm</h2><p class='note'>Seconds per run by stage (mean over the arm's runs), "
-                   "from the generation manifests.</p>")
-        out.append(plots.stacked_bars(list(arms), {st: [c["compute"][a]["seconds_by_stage"].get(st, 0.0)
-                                                                  / runs[a] for a in arms] for st in stages},
-                                      xlabel="seconds per run"))
-    return "".join(out)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from selftrain.analysis import plots
 from selftrain.stages.data import verdict
-from selftrain.analysis.pages import fmt, page
+from selftrain.analysis.render import fmt, page
 from selftrain.run.records import MANIFEST, read_json, write_text
 from selftrain.run.resume import STAGES
 from selftrain.analysis.drift_report import (collapse_grid, collapse_panels, embedding_points, stage_timings, value_grid, value_panels,

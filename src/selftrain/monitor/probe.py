@@ -110,10 +110,9 @@ def _architecture(model) -> dict:
     return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers}
 
 
-# Rows the probe passes' linear layers are reordered for (`sample.packed_linears`): a scoring
-# chunk is 16 pairs of 20-45 tokens. Packed, both scoring calls and the held-out perplexity took
-# 30.0/32.7 against 37.5/37.8 s plain (gen-001 of the default experiment, 2-core CPU, 2026-11-27);
-# scores agreed to 5e-6, activations to 5e-7 relative.
+# Rows the probe passes' linear layers are reordered for (`hf.packed_linears`): a scoring chunk
+# is 16 pairs of 20-45 tokens. Packing makes the scoring calls and the held-out perplexity faster
+# at a difference in scores far below any threshold (benchmarks/RESULTS.md).
 PROBE_ROWS = 512
 # A direction is fitted by cross-validation; below this many pairs its layer choice is noise.
 MIN_DIRECTION_PAIRS = 4
@@ -129,10 +128,31 @@ def probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Pa
 def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Path,
                  reference: Path | None, seed: int, batch_size: int) -> dict:
     out = Path(out)
-    counts: dict = {}
     if reference is not None and monitor_cfg.activations:
         check_architecture(model, reference)
+    rows, states, counts = _score_probes(model, tokenizer, suite, probes_cfg, monitor_cfg, out)
+    mon = out / "monitor"
+    mon.mkdir(parents=True, exist_ok=True)
+    if monitor_cfg.activations:
+        counts.update(_activation_probes(model, tokenizer, suite, probes_cfg, monitor_cfg, out, reference,
+                                         rows, states))
+    samples, entropies, prompts = None, None, None
+    if monitor_cfg.embedding or monitor_cfg.collapse:
+        prompts = monitor_prompts(suite, monitor_cfg.embedding_prompts)
+        samples, entropies = _monitor_samples(model, tokenizer, prompts, monitor_cfg, mon, seed, batch_size)
+        counts["monitor_samples"] = len(samples)
+    emb = _embedding_drift(samples, prompts, monitor_cfg, mon, reference, seed) if monitor_cfg.embedding else None
+    if monitor_cfg.collapse:
+        write_json(mon / "collapse.json", _collapse_metrics(model, tokenizer, prompts, samples, entropies, emb,
+                                                            monitor_cfg, batch_size))
+    return counts
 
+
+def _score_probes(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Path) -> tuple[list, dict | None, dict]:
+    """Score every probe item (and the cue subset with the cue) and write out/probes; returns the
+    rows, the hidden states for the activation probes (None when they are off) and counts."""
+    counts: dict = {}
+    states = None
     if monitor_cfg.activations:
         rows, states = score_suite(model, tokenizer, suite, probes_cfg.batch_size, states=True)
     else:
@@ -150,80 +170,94 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
     with atomic_dir(out / "probes") as tmp:
         Dataset.from_list(rows).save_to_disk(str(tmp))
     counts["items"] = len(rows)
+    return rows, states, counts
+
+
+def _activation_probes(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: Path, reference: Path | None,
+                       rows: list[dict], states: dict) -> dict:
+    """Fit the directions (at the reference, then the steering check) or project on the
+    reference's frozen ones; writes monitor/activations.json. Returns counts."""
     mon = out / "monitor"
-    mon.mkdir(parents=True, exist_ok=True)
-
-    if monitor_cfg.activations:
-        results, directions = {}, {}
-        ref_dirs = act.load_directions(reference / "monitor" / "directions") if reference is not None else None
-        dim_of = np.array(states["dimension"])
-        ids = np.array(states["item_id"])
-        for d in dict.fromkeys(states["dimension"]):
-            sel = dim_of == d
-            if sel.sum() < MIN_DIRECTION_PAIRS or (ref_dirs is not None and d not in ref_dirs):
-                continue
-            pos, neg = states["pos"][sel], states["neg"][sel]
-            frozen = ref_dirs[d] if ref_dirs is not None else act.fit_direction(pos, neg, seed=0)
-            if ref_dirs is None:
-                directions[d] = frozen
-            results[d] = {"layer": int(frozen["layer"]), "auroc_heldout_ref": float(frozen["auroc_heldout"]),
-                          "heldout_pairs": frozen.get("heldout_pairs"), "causal": frozen.get("causal"),
-                          **act.measure(frozen, pos, neg, [str(i) for i in ids[sel]])}
+    counts: dict = {}
+    results, directions = {}, {}
+    ref_dirs = act.load_directions(reference / "monitor" / "directions") if reference is not None else None
+    dim_of = np.array(states["dimension"])
+    ids = np.array(states["item_id"])
+    for d in dict.fromkeys(states["dimension"]):
+        sel = dim_of == d
+        if sel.sum() < MIN_DIRECTION_PAIRS or (ref_dirs is not None and d not in ref_dirs):
+            continue
+        pos, neg = states["pos"][sel], states["neg"][sel]
+        frozen = ref_dirs[d] if ref_dirs is not None else act.fit_direction(pos, neg, seed=0)
         if ref_dirs is None:
-            act.save_directions(mon / "directions", directions)
-            write_json(mon / "architecture.json", _architecture(model))
-        write_json(mon / "activations.json", results)
-        counts["activation_dimensions"] = len(results)
-        if ref_dirs is None and monitor_cfg.steer and directions:
-            counts.update(mark_causal(model, tokenizer, suite, monitor_cfg, probes_cfg.batch_size, out,
-                                      {r["item_id"]: r["score"] for r in rows if r["kind"] == "contrast"}))
-
-    samples, entropies = None, None
-    if monitor_cfg.embedding or monitor_cfg.collapse:
-        prompts = monitor_prompts(suite, monitor_cfg.embedding_prompts)
-        sampler = HFSampler(model, tokenizer, batch_size=batch_size)
-        params = SamplingParams(max_new_tokens=monitor_cfg.embedding_max_new_tokens, temperature=0.7,
-                                top_p=0.95, repetition_penalty=1.1, seed=seed)
-        convs = [[{"role": "user", "content": p}] for p in prompts]
-        samples, entropies = sampler.chat(convs, params, desc="monitor samples", entropy=True)
-        write_jsonl(mon / "samples.jsonl", [{"prompt": p, "response": s, "seed": seed}
-                                            for p, s in zip(prompts, samples)])
-        counts["monitor_samples"] = len(samples)
-
-    emb = None
-    if monitor_cfg.embedding:
-        enc = embedding.Encoder()
-        emb = enc.encode(samples)
-        np.save(mon / "embeddings.npy", emb)
-        if reference is None:
-            write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": embedding.median_bandwidth(emb),
-                                                "n": len(emb), "prompts": prompts})
-        else:
-            ref_meta = read_json(reference / "monitor" / "embedding.json")
-            if ref_meta.get("prompts") != prompts:
-                raise UserError(f"{reference / 'monitor' / 'embedding.json'}: the reference sampled other prompts; "
-                                "embedding drift pairs replies to the same prompts (keep monitor.embedding_prompts "
-                                "and the probe suite as they were at the reference)")
-            ref_emb = np.load(reference / "monitor" / "embeddings.npy")
-            test = embedding.paired_mmd_test(ref_emb, emb, ref_meta["bandwidth"], n_perm=monitor_cfg.permutations,
-                                             seed=seed)
-            write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": ref_meta["bandwidth"],
-                                                "n": len(emb), "prompts": prompts, **test})
-
-    if monitor_cfg.collapse:
-        metrics = collapse.collapse_metrics(samples, emb)
-        if entropies is not None and sum(n for _, n in entropies):
-            # read off the sampling pass (the same distributions a scoring pass gives, to float error;
-            # tests/test_monitor.py): a second pass over prompts and samples cost ~2.5 s of the probe stage
-            metrics["mean_token_entropy"] = sum(h for h, _ in entropies) / sum(n for _, n in entropies)
-        else:  # some batch was decoded by generate, which keeps no logits: score the samples instead
-            metrics["mean_token_entropy"] = collapse.mean_token_entropy(
-                model, tokenizer, list(zip([c[0]["content"] for c in convs], samples)), batch_size)
-        metrics["perplexity_heldout"] = collapse.perplexity(
-            model, tokenizer, collapse.heldout_texts()[:monitor_cfg.heldout_paragraphs], batch_size)
-        write_json(mon / "collapse.json", metrics)
+            directions[d] = frozen
+        results[d] = {"layer": int(frozen["layer"]), "auroc_heldout_ref": float(frozen["auroc_heldout"]),
+                      "heldout_pairs": frozen.get("heldout_pairs"), "causal": frozen.get("causal"),
+                      **act.measure(frozen, pos, neg, [str(i) for i in ids[sel]])}
+    if ref_dirs is None:
+        act.save_directions(mon / "directions", directions)
+        write_json(mon / "architecture.json", _architecture(model))
+    write_json(mon / "activations.json", results)
+    counts["activation_dimensions"] = len(results)
+    if ref_dirs is None and monitor_cfg.steer and directions:
+        counts.update(mark_causal(model, tokenizer, suite, monitor_cfg, probes_cfg.batch_size, out,
+                                  {r["item_id"]: r["score"] for r in rows if r["kind"] == "contrast"}))
     return counts
 
+
+def _monitor_samples(model, tokenizer, prompts: list[str], monitor_cfg, mon: Path, seed: int,
+                     batch_size: int) -> tuple[list[str], list | None]:
+    """Free-form replies to the held-out monitor prompts (monitor/samples.jsonl), with the
+    sampling pass's token entropies."""
+    sampler = HFSampler(model, tokenizer, batch_size=batch_size)
+    params = SamplingParams(max_new_tokens=monitor_cfg.embedding_max_new_tokens, temperature=0.7,
+                            top_p=0.95, repetition_penalty=1.1, seed=seed)
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    samples, entropies = sampler.chat(convs, params, desc="monitor samples", entropy=True)
+    write_jsonl(mon / "samples.jsonl", [{"prompt": p, "response": s, "seed": seed}
+                                        for p, s in zip(prompts, samples)])
+    return samples, entropies
+
+
+def _embedding_drift(samples: list[str], prompts: list[str], monitor_cfg, mon: Path, reference: Path | None,
+                     seed: int) -> np.ndarray:
+    """Embed the samples (monitor/embeddings.npy); against a reference, the paired MMD test on
+    replies to the same prompts (monitor/embedding.json). Returns the embeddings."""
+    enc = embedding.Encoder()
+    emb = enc.encode(samples)
+    np.save(mon / "embeddings.npy", emb)
+    if reference is None:
+        write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": embedding.median_bandwidth(emb),
+                                            "n": len(emb), "prompts": prompts})
+        return emb
+    ref_meta = read_json(reference / "monitor" / "embedding.json")
+    if ref_meta.get("prompts") != prompts:
+        raise UserError(f"{reference / 'monitor' / 'embedding.json'}: the reference sampled other prompts; "
+                        "embedding drift pairs replies to the same prompts (keep monitor.embedding_prompts "
+                        "and the probe suite as they were at the reference)")
+    ref_emb = np.load(reference / "monitor" / "embeddings.npy")
+    test = embedding.paired_mmd_test(ref_emb, emb, ref_meta["bandwidth"], n_perm=monitor_cfg.permutations,
+                                     seed=seed)
+    write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": ref_meta["bandwidth"],
+                                        "n": len(emb), "prompts": prompts, **test})
+    return emb
+
+
+def _collapse_metrics(model, tokenizer, prompts: list[str], samples: list[str], entropies: list | None,
+                      emb: np.ndarray | None, monitor_cfg, batch_size: int) -> dict:
+    """Distinct-n, compression and dispersion of the samples, their token entropy and the held-out
+    perplexity."""
+    metrics = collapse.collapse_metrics(samples, emb)
+    if entropies is not None and sum(n for _, n in entropies):
+        # read off the sampling pass (the same distributions a scoring pass gives, to float error;
+        # tests/test_monitor.py): a second pass over prompts and samples is avoided
+        metrics["mean_token_entropy"] = sum(h for h, _ in entropies) / sum(n for _, n in entropies)
+    else:  # some batch was decoded by generate, which keeps no logits: score the samples instead
+        metrics["mean_token_entropy"] = collapse.mean_token_entropy(
+            model, tokenizer, list(zip(prompts, samples)), batch_size)
+    metrics["perplexity_heldout"] = collapse.perplexity(
+        model, tokenizer, collapse.heldout_texts()[:monitor_cfg.heldout_paragraphs], batch_size)
+    return metrics
 
 
 def mark_causal(model, tokenizer, suite: Suite, monitor_cfg, batch_size: int, folder: Path,

@@ -38,7 +38,7 @@ import yaml
 from selftrain import UserError
 
 from selftrain.analysis import plots
-from selftrain.analysis.pages import page
+from selftrain.analysis.render import page
 from selftrain.paths import resolve
 from selftrain.run.records import read_json, read_user_jsonl, write_json, write_text
 

@@ -34,7 +34,7 @@ from selftrain.monitor.probe import check_power, probe_model
 from selftrain.stages import guard
 from selftrain.monitor.suites import load_suite
 from selftrain.prompts import load_prompts, prompts_hash
-from selftrain.run.records import (MANIFEST, Manifest, flatten, gen_dir, now, package_versions, read_json, read_jsonl,
+from selftrain.run.records import (MANIFEST, Manifest, config_diff, gen_dir, now, package_versions, read_json, read_jsonl,
                       read_manifest, sha256_tree, write_jsonl)
 from selftrain.analysis.drift_report import generation_report
 from selftrain.stages.screen import screen_generation
@@ -43,7 +43,8 @@ from selftrain.preferences import load_user_preferences
 from selftrain.run.resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target, graceful_interrupts,
                      parse_force, start_over, verify_outputs)
 from selftrain.engines.hf import SamplingParams, option_first_tokens, sample_stage
-from selftrain.config.schema import monitor_settings, validate
+from selftrain.config.checks import validate
+from selftrain.config.schema import monitor_settings
 from selftrain.engines.factory import check_engine, close_sampler, hf_sampler, make_labeller, make_sampler, preflight
 from selftrain.stages.train import dpo_config, sft_config, train_generation, uses_dpo
 from selftrain.stages.train_worker import launch
@@ -140,11 +141,8 @@ def _check_resume(path: Path, old_manifest: dict, config: dict) -> None:
     config = {k: v for k, v in config.items() if k not in RUN_CONTROL}
     if old == config:
         return
-    flat_old, flat_new = flatten(old), flatten(config)
-    # keys whose value changed first, then keys only one of the two configs has
-    diff = sorted((k not in flat_old or k not in flat_new, k) for k in set(flat_old) | set(flat_new)
-                  if flat_old.get(k) != flat_new.get(k))
-    diff = [k for _, k in diff]
+    changed, one_sided = config_diff([old, config])
+    diff = changed + one_sided  # keys whose value changed first, then keys only one config has
     shown = ", ".join(diff[:10]) + (f" and {len(diff) - 10} more" if len(diff) > 10 else "")
     raise UserError(f"{path}: this run folder was started with a different config "
                     f"(differs in: {shown}); use a new run folder")

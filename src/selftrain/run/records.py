@@ -46,6 +46,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_diff(configs: list[dict]) -> tuple[list[str], list[str]]:
+    """Where nested configs differ, by flattened key (`flatten`): the keys every config has but
+    with differing values, then the keys only some have (a missing key reads as None), each
+    sorted. Values compare by repr, so 1 and 1.0 differ."""
+    flat = [flatten(c) for c in configs]
+    keys = sorted(set().union(*flat))
+    differing = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    everywhere = [k for k in differing if all(k in f for f in flat)]
+    return everywhere, [k for k in differing if any(k not in f for f in flat)]
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

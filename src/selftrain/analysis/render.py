@@ -1,6 +1,7 @@
-"""The shell every HTML page shares: one stylesheet sized for a 1280-pixel window, the page
-wrapper and number formatting. Pages are self-contained (no script, font or image is fetched)
-and every string that reaches them is escaped by the page that writes it.
+"""What every page shares: the HTML shell (one stylesheet sized for a 1280-pixel window, the page
+wrapper), number formatting and Markdown tables; charts are plots.py's. Pages are self-contained
+(no script, font or image is fetched) and every string that reaches them is escaped by the page
+that writes it.
 """
 from __future__ import annotations
 
@@ -38,3 +39,9 @@ def fmt(x, nd: int = 3, sign: bool = False) -> str:
     if isinstance(x, float):
         return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
     return str(x)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: the header row, its rule and one line per row of cell texts."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
