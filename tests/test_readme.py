@@ -8,6 +8,7 @@ Each line of a ```bash block is taken whole (with `\\` continuations) and checke
 - `selftrain-drift` / `selftrain-validate`: their configs compose and pass their checks.
 - `selftrain-compare` / `-lineage` / `-dashboard`: every flag parses; on folders that do not
   exist the script ends with one line naming the folder and exit 2, not a usage error.
+- `python -m benchmarks.run ...`: the runner's parser takes every flag (it is stopped there).
 - `make TARGET`: the Makefile has the target.
 Lines with a placeholder (`...`) and shell set-up (`.`, `cd`, `tensorboard`, ...) are skipped,
 and the test counts what it checked so a README without commands cannot pass silently.
@@ -74,7 +75,7 @@ def composed(name: str, overrides: list[str]):
 
 
 def check_selftrain(args: list[str]) -> None:
-    from selftrain.config.schema import validate
+    from selftrain.config.checks import validate
 
     multirun = "-m" in args or "--multirun" in args
     args = [a for a in args if a not in ("-m", "--multirun")]
@@ -86,7 +87,7 @@ def check_selftrain(args: list[str]) -> None:
 
 
 def check_drift(args: list[str], name: str) -> None:
-    from selftrain.config.schema import check_trl_fields, validate_monitor
+    from selftrain.config.checks import check_trl_fields, validate_monitor
 
     cfg = composed(name, args)
     validate_monitor(cfg.monitor)
@@ -104,6 +105,26 @@ def check_argparse(script: str, args: list[str], capsys) -> None:
     err = capsys.readouterr().err
     assert "usage:" not in err, f"{script} does not take these arguments:\n{err}"
     assert len(err.strip().splitlines()) == 1 and any(f in err for f in folders), err
+
+
+class Parsed(Exception):
+    pass
+
+
+def check_parses(module: str, args: list[str], monkeypatch) -> None:
+    """Run an argparse `main(argv)` only as far as its parser: the flags exist and the values parse."""
+    import argparse
+    import importlib
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, argv=None, namespace=None):
+        real(self, argv, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(Parsed):
+        importlib.import_module(module).main(args)
 
 
 @pytest.mark.parametrize("doc, line", CASES, ids=[f"{d}:{c[:60]}" for d, c in CASES])
@@ -126,6 +147,9 @@ def test_command_works_as_written(doc, line, capsys, tmp_path, monkeypatch):
         check_drift(args, head.removeprefix("selftrain-"))
     elif head in ("selftrain-compare", "selftrain-lineage", "selftrain-dashboard"):
         check_argparse(head, args, capsys)
+    elif head == "python" and args[:2] == ["-m", "benchmarks.run"]:
+        monkeypatch.syspath_prepend(str(ROOT))
+        check_parses("benchmarks.run", args[2:], monkeypatch)
     else:
         pytest.fail(f"{doc}: `{head}` is not a command this test knows how to check; teach it")
 
@@ -136,7 +160,7 @@ def test_the_docs_hold_commands():
     assert sum(shlex.split(c)[0] == "selftrain" for _, c in CASES) >= 10
 
 
-def test_a_broken_command_fails():
+def test_a_broken_command_fails(monkeypatch):
     """The checks can fail: an unknown key, a bad value, a flag compare lacks."""
     from selftrain import UserError
     from hydra.errors import ConfigCompositionException
@@ -145,6 +169,9 @@ def test_a_broken_command_fails():
         check_selftrain(["constitution=rulez"])
     with pytest.raises(UserError, match="generations"):
         check_selftrain(["-m", "generations=1,0"])
+    monkeypatch.syspath_prepend(str(ROOT))
+    with pytest.raises(SystemExit):
+        check_parses("benchmarks.run", ["--no-such-flag"], monkeypatch)
 
 
 def test_the_readme_counts_what_ships():
