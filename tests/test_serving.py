@@ -4,7 +4,8 @@ import socket
 import pytest
 
 from selftrain import UserError
-from selftrain.engines.factory import OpenAISampler, _option_match, cut_at_stop
+from selftrain.engines.base import cut_at_stop
+from selftrain.engines.openai import OpenAISampler, _option_match
 
 
 def test_cut_at_the_first_stop_string():

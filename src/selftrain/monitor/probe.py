@@ -28,7 +28,9 @@ from selftrain.monitor.behavioural import score_suite
 from selftrain.monitor.steering import steering_check
 from selftrain.monitor.suites import Suite
 from selftrain.run.records import atomic_dir, read_json, write_json, write_jsonl
-from selftrain.engines.hf import HFSampler, SamplingParams, packed_linears
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.hf import HFSampler
+from selftrain.kernels.onednn import packed_linears
 
 
 def monitor_prompts(suite: Suite, n: int) -> list[str]:
@@ -110,7 +112,7 @@ def _architecture(model) -> dict:
     return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers}
 
 
-# Rows the probe passes' linear layers are reordered for (`sample.packed_linears`): a scoring
+# Rows the probe passes' linear layers are reordered for (`kernels.onednn.packed_linears`): a scoring
 # chunk is 16 pairs of 20-45 tokens. Packed, both scoring calls and the held-out perplexity took
 # 30.0/32.7 against 37.5/37.8 s plain (gen-001 of the default experiment, 2-core CPU, 2026-11-27);
 # scores agreed to 5e-6, activations to 5e-7 relative.
