@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from selftrain import UserError, __version__
+from selftrain.config.schema import SamplerConfig
 from selftrain.engines.base import SEED_STRIDE, Conversation, SamplingParams, cut_at_stop
 
 # OpenAI caps top_logprobs at 20; vLLM's default max_logprobs is 20 too.
@@ -49,10 +50,11 @@ def _option_match(options: Sequence[str], top: list[dict], floor: float) -> list
 class OpenAISampler:
     """Chat completions from an OpenAI-compatible HTTP server."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 max_concurrency: int = 8, timeout_s: float = 300.0, retries: int = 3,
-                 backoff_s: float = 1.0, repetition_penalty_as: str = "repetition_penalty",
-                 top_logprobs: int = MAX_TOP_LOGPROBS, check_model: bool = True):
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = SamplerConfig.api_key_env,
+                 max_concurrency: int = SamplerConfig.max_concurrency, timeout_s: float = SamplerConfig.timeout_s,
+                 retries: int = SamplerConfig.retries, backoff_s: float = SamplerConfig.backoff_s,
+                 repetition_penalty_as: str = SamplerConfig.repetition_penalty_as,
+                 top_logprobs: int = MAX_TOP_LOGPROBS, check_model: bool = SamplerConfig.check_model):
         self.base_url, self.model = base_url.rstrip("/"), model
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
         self.api_key_env = api_key_env

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from selftrain import UserError
+from selftrain.config.schema import SamplerConfig
 from selftrain.engines.base import SEED_STRIDE, SamplingParams, cut_at_stop
 
 VLLM_INSTALL = "sampler=vllm needs vllm: pip install 'selftrain[vllm]'"
@@ -15,8 +16,10 @@ VLLM_INSTALL = "sampler=vllm needs vllm: pip install 'selftrain[vllm]'"
 class VLLMSampler:
     """vLLM's offline engine: one batched `LLM.chat` call per stage request."""
 
-    def __init__(self, model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True, max_model_len: int | None = None, dtype: str = "auto",
+    def __init__(self, model_path: str, tensor_parallel_size: int = SamplerConfig.tensor_parallel_size,
+                 gpu_memory_utilization: float = SamplerConfig.gpu_memory_utilization,
+                 enable_prefix_caching: bool = SamplerConfig.enable_prefix_caching,
+                 max_model_len: int | None = SamplerConfig.max_model_len, dtype: str = "auto",
                  trust_remote_code: bool = False, seed: int = 0):
         check_vllm(tensor_parallel_size)
         import vllm
