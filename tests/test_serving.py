@@ -1,4 +1,4 @@
-"""serving.py's pieces that need no server: stop-string cuts, option matching, retries."""
+"""The engines' pieces that need no server: stop-string cuts, option matching, retries."""
 import socket
 
 import pytest
