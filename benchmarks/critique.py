@@ -7,7 +7,9 @@ import time
 
 from selftrain.constitution import Constitution
 from selftrain.stages.critique import critique_revise
-from selftrain.engines.hf import HFSampler, SamplingParams, sample_stage
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.hf import HFSampler
+from selftrain.stages.sample import sample_stage
 
 from .common import median, rate, ratio
 

@@ -65,7 +65,7 @@ def bench(model_path: str, rounds: int = 2) -> dict:
 
     from benchmarks import common, sampling
     from selftrain.models import load_model, load_tokenizer
-    from selftrain.engines.hf import SamplingParams
+    from selftrain.engines.base import SamplingParams
 
     model, tok = load_model(model_path, device="auto"), load_tokenizer(model_path)
     res = {"device": str(model.device)}

@@ -1,5 +1,6 @@
 """Sampling: the pipeline's sample stage against a bare batched `generate` loop and against
-one prompt at a time, same prompts and settings; plus ablations of the sampler's choices.
+one prompt at a time, same prompts and settings; plus ablations of the sampler's settings
+(sampler.prefix_cache, sampler.prefill_rows, the batch size).
 
 Arms run interleaved (A B C A B C ...) when repeats > 1, and each reports its median.
 """
@@ -9,7 +10,9 @@ import time
 
 import torch
 
-from selftrain.engines.hf import HFSampler, SamplingParams, sample_stage
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.hf import HFSampler
+from selftrain.stages.sample import sample_stage
 
 from . import hardware
 from .common import eos_set, interleave, median, new_token_count, rate, ratio
@@ -21,8 +24,9 @@ def params(sizes) -> SamplingParams:
                           repetition_penalty=1.1, seed=0)
 
 
-def pipeline_arm(model, tok, prompts, p, batch_size, **sampler_kw) -> dict:
-    sampler = HFSampler(model, tok, batch_size=batch_size, **sampler_kw)
+def pipeline_arm(model, tok, prompts, p, batch_size, **settings) -> dict:
+    """The sample stage with an HFSampler; `settings`: other `sampler.*` values than the defaults."""
+    sampler = HFSampler(model, tok, batch_size=batch_size, **settings)
     t0 = time.perf_counter()
     sample_stage(sampler, prompts, p)
     s = time.perf_counter() - t0
@@ -79,15 +83,11 @@ def run(model, tok, prompts, sizes, ablations: bool = True) -> dict:
         "one_at_a_time": lambda: bare_arm(model, tok, prompts[:sizes.single_prompts], p, 1),
     }
     if ablations:
-        arms["pipeline_unsorted"] = lambda: pipeline_arm(model, tok, prompts, p, B, sort_by_length=False)
+        # the two choices users set (sampler.prefix_cache, sampler.prefill_rows); the engine's other
+        # fast paths have no switch, and each is compared with the plain path in tests/
         arms["pipeline_no_prefix_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefix_cache=False)
-        # generate prefills each padded batch itself (and so its cache concatenates, as transformers' does)
+        # generate prefills and decodes each padded batch itself
         arms["pipeline_whole_batch_prefill"] = lambda: pipeline_arm(model, tok, prompts, p, B, prefill_rows=None)
-        arms["pipeline_concatenating_cache"] = lambda: pipeline_arm(model, tok, prompts, p, B, reserve_cache=False)
-        # transformers' generate decodes the prefilled batch instead of our loop (_decode)
-        arms["pipeline_generate_loop"] = lambda: pipeline_arm(model, tok, prompts, p, B, decode_loop=False)
-        arms["pipeline_unpacked_linears"] = lambda: pipeline_arm(model, tok, prompts, p, B, pack_linears=False)
-        arms["pipeline_transformers_nucleus"] = lambda: pipeline_arm(model, tok, prompts, p, B, fast_nucleus=False)
         if sizes.static_cache:
             arms["bare_static_cache"] = lambda: bare_arm(model, tok, prompts, p, B, cache_implementation="static")
         for bs in sizes.batch_sweep:

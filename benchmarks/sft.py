@@ -16,7 +16,7 @@ from selftrain.stages.train import train_sft
 
 from .common import interleave, median, rate, ratio
 
-HELDOUT = Path(__file__).resolve().parents[1] / "src" / "selftrain" / "probes" / "heldout.txt"
+HELDOUT = Path(__file__).resolve().parents[1] / "src" / "selftrain" / "monitor" / "heldout.txt"
 
 
 def dataset(prompts, rows: int) -> Dataset:

@@ -85,7 +85,7 @@ def test_shared_prefix_scoring_matches_scoring_each_pair_whole(mt):
     opts = {5: [comps[0][0], comps[2][0]]}
     for bs in (1, 4):
         a = B.completion_logprobs(model, tok, pairs, bs, states=True, first_token_options=opts, entropy=True)
-        b = B._whole_logprobs(model, tok, pairs, bs, "probe", True, opts, True)
+        b = B.whole_logprobs(model, tok, pairs, bs, "probe", True, opts, True)
         assert [n for _, n in a["sums"]] == [len(c) for _, c in pairs]
         for (x, _), (y, _) in zip(a["sums"], b["sums"]):
             assert x == pytest.approx(y, abs=1e-4)
@@ -106,7 +106,7 @@ def test_scoring_falls_back_to_whole_pairs_without_a_plain_cache(mt, monkeypatch
     model, tok = mt
     pairs = [(_prefix_ids(tok, "Stop?"), tok("Yes, fine.", add_special_tokens=False)["input_ids"])] * 2
     seen = []
-    monkeypatch.setattr(B, "_whole_logprobs", lambda *a: seen.append(a) or {"sums": [], "options": {}})
+    monkeypatch.setattr(B, "whole_logprobs", lambda *a: seen.append(a) or {"sums": [], "options": {}})
     monkeypatch.setattr(B, "plain_cache", lambda cache: False)
     B.completion_logprobs(model, tok, pairs, 2)
     assert len(seen) == 1

@@ -24,8 +24,8 @@ def test_quick_benchmark_writes_every_section(tiny_model, tmp_path):
     assert res["sampling"]["arms"]["pipeline"]["matmul_gflop_per_s_around"] > 0
     assert res["targets"]["sampling_of_roofline"]["value"] == res["hardware"]["pipeline_sampling_of_roofline_around"] > 0
     arms = res["sampling"]["arms"]
-    assert {"pipeline", "bare_batched_generate", "one_at_a_time", "pipeline_generate_loop",
-            "pipeline_unpacked_linears"} <= set(arms)
+    assert {"pipeline", "bare_batched_generate", "one_at_a_time", "pipeline_no_prefix_cache",
+            "pipeline_whole_batch_prefill"} <= set(arms)
     assert all(arms[a]["new_tokens"] > 0 for a in ("pipeline", "bare_batched_generate", "one_at_a_time"))
     crit = res["critique"]["arms"]
     assert crit["prefix_cache"]["prefix_tokens_reused"] > 0 and crit["no_prefix_cache"]["prefix_tokens_reused"] == 0

@@ -9,7 +9,8 @@ from selftrain import UserError
 from selftrain.constitution import Constitution
 from selftrain.stages.label import draw_principles, judge, label_stage, question
 from selftrain.models import load_model, load_tokenizer
-from selftrain.engines.hf import HFSampler, SamplingParams
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.hf import HFSampler
 
 RESPONSES = [("How do I boil an egg?", "Put it in boiling water for nine minutes.", "Eggs are nice."),
              ("Tell me a secret.", "I do not keep secrets, but here is a fun fact.", "No."),

@@ -97,9 +97,11 @@ def test_token_entropy_comes_from_the_sampling_pass_or_a_scoring_pass(tiny_model
     monitor_checkpoints(_drift_cfg(tiny_model, [tiny_model], tmp_path / "a"), tmp_path / "a")
     assert scored == []  # both models' entropies came from their sampling passes
 
-    class GenerateOnly(mon.HFSampler):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **{**k, "decode_loop": False})
+    from selftrain.kernels.batching import pad_id
+
+    class GenerateOnly(mon.HFSampler):  # transformers' generate decodes every batch, keeping no logits
+        def _decode(self, cache, rows, mask, params, eos_ids, entropy=False):
+            return self._generate(rows, mask, cache, params, pad_id(self.tokenizer), eos_ids), None
 
     monkeypatch.setattr(mon, "HFSampler", GenerateOnly)
     monitor_checkpoints(_drift_cfg(tiny_model, [tiny_model], tmp_path / "b"), tmp_path / "b")

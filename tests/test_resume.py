@@ -17,7 +17,9 @@ from selftrain import UserError
 from selftrain.run.records import check_disk, read_json, sha256_tree
 from selftrain.run.resume import (Interrupted, check_interrupt, chunk_params, graceful_interrupts, parse_force,
                               read_chunk, resume_command, run_chunks)
-from selftrain.engines.hf import HFSampler, SamplingParams, sample_stage
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.hf import HFSampler
+from selftrain.stages.sample import sample_stage
 
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 FAST = ["generations=1", f"probes.suite={SUITE}", "probes.max_items_per_dimension=null",

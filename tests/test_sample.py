@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from selftrain.models import load_model, load_tokenizer
-from selftrain.engines.hf import HFSampler, SamplingParams
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.hf import HFSampler
 
 CONVS = [[{"role": "user", "content": t}] for t in
          ["Hi", "Tell me a long story about a dragon who learns to cook soup", "2+2?", "What is the capital of France?",
@@ -104,7 +105,7 @@ def test_nucleus_sampling_keeps_what_transformers_keeps(top_p):
     (wider still: the sorted fallback): every draw lies in transformers' kept set, and a small
     kept set is fully reached."""
 
-    from selftrain.engines.hf import NucleusSampling
+    from selftrain.kernels.nucleus import NucleusSampling
 
     g = torch.Generator().manual_seed(0)
     peaked = torch.randn(3, 500, generator=g) * 6
@@ -135,7 +136,7 @@ def test_nucleus_sampling_keeps_what_transformers_keeps(top_p):
 def test_nucleus_sampling_draws_with_the_nucleus_probabilities():
     """Frequencies over 20,000 seeded draws match the renormalised nucleus probabilities."""
 
-    from selftrain.engines.hf import NucleusSampling
+    from selftrain.kernels.nucleus import NucleusSampling
 
     scores = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -5.0]])
     p = torch.softmax(scores / 0.7, -1)[0]
@@ -156,15 +157,14 @@ def test_fast_nucleus_is_seeded_and_differs_from_greedy(sampler_parts):
     p = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     a = HFSampler(*sampler_parts, batch_size=3).chat(CONVS, p)
     b = HFSampler(*sampler_parts, batch_size=3).chat(CONVS, p)
-    slow = HFSampler(*sampler_parts, batch_size=3, fast_nucleus=False).chat(CONVS, p)
     greedy = HFSampler(*sampler_parts, batch_size=3).chat(CONVS, SamplingParams(max_new_tokens=8, temperature=0.0))
-    assert a == b and a != greedy and len(slow) == len(a)
+    assert a == b and a != greedy and len(a) == len(CONVS)
 
 
 def test_nucleus_draw_is_per_row_and_stays_in_the_nucleus():
     """A row's token depends on its own logits and uniform number only, and u at either end of
     [0, 1) still lands inside the nucleus (the first and the last kept token)."""
-    from selftrain.engines.hf import NucleusSampling
+    from selftrain.kernels.nucleus import NucleusSampling
 
     g = torch.Generator().manual_seed(1)
     scores = torch.cat([torch.randn(4, 3000, generator=g) * s for s in (6.0, 2.2, 0.1)])  # the three levels
@@ -184,7 +184,7 @@ def test_nucleus_draw_is_per_row_and_stays_in_the_nucleus():
 def test_packed_linears_agree_and_are_restored(monkeypatch):
     """Large linear layers run packed inside the context (same outputs), small ones stay plain,
     and every module is back afterwards."""
-    import selftrain.engines.hf as S
+    import selftrain.kernels.onednn as S
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64, bias=False), torch.nn.ReLU(), torch.nn.Linear(64, 8))
@@ -204,7 +204,7 @@ def test_packed_linears_fuse_a_gated_mlp_and_nest(monkeypatch):
     """A LLaMA-style MLP runs as packed matmuls with SiLU and the gate's product fused (same
     outputs); an MLP with another activation is only packed; a nested context changes nothing
     and everything is back afterwards."""
-    import selftrain.engines.hf as S
+    import selftrain.kernels.onednn as S
     from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 
     torch.manual_seed(0)

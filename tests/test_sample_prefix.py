@@ -1,11 +1,15 @@
 """HFSampler's optimisations keep greedy outputs: the shared-prefix KV cache, token-budget
-batches and unsorted batches all give the same tokens as one conversation at a time."""
+batches and unsorted batches all give the same tokens as one conversation at a time, and our
+decoding loop gives the tokens transformers' generate gives on the same prefilled cache."""
 import pytest
 import torch
 
 from selftrain import UserError
 from selftrain.models import load_model, load_tokenizer
-from selftrain.engines.hf import HFSampler, SamplingParams
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.hf import HFSampler
+from selftrain.kernels.batching import pad_id
+from selftrain.kernels.kv_cache import ReservedLayer, kv_bytes_per_token
 from selftrain.config.checks import validate
 
 from conftest import TINY_OVERRIDES, compose
@@ -19,6 +23,20 @@ CONVS = [SHARED + [{"role": "user", "content": t}] for t in
          ["Hi", "What is the capital of France?", "2+2?", "Explain photosynthesis briefly please", "ok",
           "Write a poem about the sea and the moon and the stars"]]
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.1)
+
+
+class Unsorted(HFSampler):
+    """Reference: batches of batch_size rows in input order, not sorted by length."""
+
+    def _batches(self, lengths, max_new_tokens):
+        return [list(range(i, min(i + self.batch_size, len(lengths)))) for i in range(0, len(lengths), self.batch_size)]
+
+
+class GenerateLoop(HFSampler):
+    """Reference: transformers' generate decodes each prefilled batch instead of our loop (`_decode`)."""
+
+    def _decode(self, cache, rows, mask, params, eos_ids, entropy=False):
+        return self._generate(rows, mask, cache, params, pad_id(self.tokenizer), eos_ids), None
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +91,7 @@ def test_token_budget_batches_and_unsorted_keep_tokens(parts):
     assert all(len(b) * (max(lengths[i] for i in b) + 10) <= 200 or len(b) == 1 for b in batches)
     assert len(batches) > 1
     assert budget.generate_ids(CONVS, GREEDY) == ref
-    assert HFSampler(*parts, batch_size=4, sort_by_length=False).generate_ids(CONVS, GREEDY) == ref
+    assert Unsorted(*parts, batch_size=4).generate_ids(CONVS, GREEDY) == ref
 
 
 def test_stats_count_new_tokens(parts):
@@ -92,8 +110,6 @@ def test_max_batch_tokens_must_be_positive(tiny_model):
 
 
 def test_memory_budget_sets_the_batch_token_budget(parts):
-    from selftrain.engines.hf import kv_bytes_per_token
-
     model = parts[0]
     c = model.config
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
@@ -127,8 +143,6 @@ def test_grouped_prefill_keeps_greedy_tokens(parts, prefill_rows, prefix_cache):
 def test_grouped_prefill_builds_the_batch_cache(parts):
     """The cache holds every token but each row's last, the prefix once per row, zeros in the
     padding (one row per group here, so no padding is computed), and room for the new tokens."""
-    from selftrain.engines.hf import ReservedLayer
-
     s = HFSampler(*parts, prefill_rows=1)
     ids = s.tokenizer([s.render(c) for c in CONVS], add_special_tokens=False)["input_ids"]
     n, kv = s._prefix(ids)
@@ -147,8 +161,6 @@ def test_grouped_prefill_builds_the_batch_cache(parts):
 
 
 def test_reserved_layer_writes_in_place_and_grows(parts):
-    from selftrain.engines.hf import ReservedLayer
-
     buf_k, buf_v = torch.zeros(2, 1, 4, 3), torch.zeros(2, 1, 4, 3)
     layer = ReservedLayer(buf_k, buf_v, 1)
     step = torch.ones(2, 1, 1, 3)
@@ -171,8 +183,6 @@ def test_reserved_layer_writes_in_place_and_grows(parts):
 def test_decode_loop_gives_generates_tokens_when_rows_end_early(parts, monkeypatch):
     """Our decoding loop against transformers' generate on the same prefilled cache: the same greedy
     tokens, with rows ending at different steps and leaving the batch as they do."""
-    from selftrain.engines.hf import ReservedLayer
-
     s = HFSampler(*parts, batch_size=16)
     assert s.describe()["decode_loop"] == "selftrain"
     free = s.generate_ids(RAGGED, GREEDY)
@@ -191,7 +201,7 @@ def test_decode_loop_gives_generates_tokens_when_rows_end_early(parts, monkeypat
     try:
         assert tok.eos_token_id == end
         got = s.generate_ids(RAGGED, GREEDY)
-        ref = HFSampler(*parts, batch_size=16, decode_loop=False).generate_ids(RAGGED, GREEDY)
+        ref = GenerateLoop(*parts, batch_size=16).generate_ids(RAGGED, GREEDY)
     finally:
         tok.eos_token = was
     assert got == ref
@@ -207,7 +217,7 @@ def test_decode_loop_draws_what_generate_draws(parts):
     for seed in range(6):
         p = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, repetition_penalty=1.3, seed=seed)
         ours = HFSampler(*parts, batch_size=16).generate_ids(RAGGED, p)
-        assert ours == HFSampler(*parts, batch_size=16, decode_loop=False).generate_ids(RAGGED, p)
+        assert ours == GenerateLoop(*parts, batch_size=16).generate_ids(RAGGED, p)
         assert len({tuple(r) for r in ours}) > 2
         early += sum(len(r) < 8 for r in ours)
     assert early > 0  # some row ended early in some batch, so some batch shrank
@@ -230,7 +240,7 @@ def test_decode_loop_reads_the_entropy_a_scoring_pass_gives(parts):
         ids, ent = s.generate_ids(RAGGED, p, entropy=True)
         texts, ent2 = s.chat(RAGGED, p, entropy=True)
         assert ent2 == ent and texts == s.chat(RAGGED, p)
-        assert HFSampler(*parts, batch_size=16, decode_loop=False).generate_ids(RAGGED, p, entropy=True)[1] is None
+        assert GenerateLoop(*parts, batch_size=16).generate_ids(RAGGED, p, entropy=True)[1] is None
     finally:
         tok.eos_token = was
     assert any(r and r[-1] == end for r in ids) and any(len(r) == 8 and end not in r for r in ids)

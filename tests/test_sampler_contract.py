@@ -33,8 +33,11 @@ import pytest
 import torch
 
 from selftrain import UserError, models
-from selftrain.engines.hf import HFSampler, SamplingParams
-from selftrain.engines.factory import OpenAISampler, VLLMSampler, sampling_throughput
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.factory import sampling_throughput
+from selftrain.engines.hf import HFSampler
+from selftrain.engines.openai import OpenAISampler
+from selftrain.engines.vllm import VLLMSampler
 
 pytestmark = pytest.mark.integration
 

@@ -1,10 +1,11 @@
-"""serving.py's pieces that need no server: stop-string cuts, option matching, retries."""
+"""The engines' pieces that need no server: stop-string cuts, option matching, retries."""
 import socket
 
 import pytest
 
 from selftrain import UserError
-from selftrain.engines.factory import OpenAISampler, _option_match, cut_at_stop
+from selftrain.engines.base import cut_at_stop
+from selftrain.engines.openai import OpenAISampler, _option_match
 
 
 def test_cut_at_the_first_stop_string():

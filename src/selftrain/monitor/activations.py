@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from selftrain import UserError
-from selftrain.monitor.behavioural import _prefix, completion_logprobs
+from selftrain.monitor.behavioural import completion_logprobs, tokenise_pairs
 
 # Folds of the layer choice: every pair is held out once, from a direction fitted on the rest.
 FOLDS = 5
@@ -32,23 +32,12 @@ SAVED_FIELDS = ("layer", "gap", "pos_mean", "neg_mean", "auroc_heldout", "auroc_
                 "causal", "steer_slope", "steer_ci")
 
 
-def _tokenise_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(templated prompt ids, reply ids) as behavioural.py builds them."""
-    out = []
-    for i, (prompt, reply) in enumerate(pairs):
-        ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"pair {i}: the reply is empty, nothing to pool over")
-        out.append((_prefix(tokenizer, prompt), ids))
-    return out
-
-
 def pooled_states(model, tokenizer, pairs: list[tuple[str, str]],
                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Residual stream of each (user prompt, reply): mean over the reply tokens, and at the last
     prompt token. Both [n, L+1, d] float32 (index 0 = embeddings, L = last layer's output).
     The same passes as the behavioural scoring (`completion_logprobs(states=True)`)."""
-    res = completion_logprobs(model, tokenizer, _tokenise_pairs(tokenizer, pairs), batch_size,
+    res = completion_logprobs(model, tokenizer, tokenise_pairs(tokenizer, pairs), batch_size,
                               desc="activations", states=True)
     return res["pooled"], res["prompt"]
 

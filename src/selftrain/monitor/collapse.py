@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from selftrain.monitor.activations import _tokenise_pairs
-from selftrain.monitor.behavioural import completion_logprobs
-from selftrain.monitor.behavioural import left_padded as _left_padded
+from selftrain.kernels.batching import left_padded, pad_id
+from selftrain.monitor.behavioural import completion_logprobs, tokenise_pairs
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
 
@@ -65,7 +64,7 @@ def mean_token_entropy(model, tokenizer, pairs: list[tuple[str, str]], batch_siz
     reply token of every pair (chat template on the prompt, as the probes build it)."""
     if not pairs:
         raise ValueError("mean_token_entropy needs at least one (prompt, reply) pair")
-    res = completion_logprobs(model, tokenizer, _tokenise_pairs(tokenizer, pairs), batch_size, "entropy",
+    res = completion_logprobs(model, tokenizer, tokenise_pairs(tokenizer, pairs), batch_size, "entropy",
                               entropy=True)
     return sum(res["entropy"]) / sum(n for _, n in res["sums"])
 
@@ -88,7 +87,7 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8, max_leng
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in tqdm(range(0, len(order), batch_size), desc="perplexity", unit="batch", leave=False):
         batch = [seqs[i] for i in order[start:start + batch_size]]
-        ids, mask, pos = _left_padded(batch, tokenizer.pad_token_id)
+        ids, mask, pos = left_padded(batch, pad_id(tokenizer))
         ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos.to(model.device)).logits
         # over flattened rows: on the [b, vocab, t] transpose, cross_entropy took 0.74 s against 0.27 s

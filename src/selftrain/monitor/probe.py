@@ -28,7 +28,9 @@ from selftrain.monitor.behavioural import score_suite
 from selftrain.monitor.steering import steering_check
 from selftrain.monitor.suites import Suite
 from selftrain.run.records import atomic_dir, read_json, write_json, write_jsonl
-from selftrain.engines.hf import HFSampler, SamplingParams, packed_linears
+from selftrain.engines.base import SamplingParams
+from selftrain.engines.hf import HFSampler
+from selftrain.kernels.onednn import packed_linears
 
 
 def monitor_prompts(suite: Suite, n: int) -> list[str]:
@@ -110,8 +112,8 @@ def _architecture(model) -> dict:
     return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers}
 
 
-# Rows the probe passes' linear layers are reordered for (`hf.packed_linears`): a scoring chunk
-# is 16 pairs of 20-45 tokens. Packing makes the scoring calls and the held-out perplexity faster
+# Rows the probe passes' linear layers are reordered for (`kernels.onednn.packed_linears`): a scoring
+# chunk is 16 pairs of 20-45 tokens. Packing makes the scoring calls and the held-out perplexity faster
 # at a difference in scores far below any threshold (benchmarks/RESULTS.md).
 PROBE_ROWS = 512
 # A direction is fitted by cross-validation; below this many pairs its layer choice is noise.

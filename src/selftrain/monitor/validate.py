@@ -200,7 +200,8 @@ class Screener:
 
     def own_answers(self, prompts: list[str]) -> dict[str, str]:
         from selftrain.run.records import read_jsonl, write_jsonl
-        from selftrain.engines.hf import HFSampler, SamplingParams
+        from selftrain.engines.base import SamplingParams
+        from selftrain.engines.hf import HFSampler
 
         path = self.ref / "own_answers.jsonl"
         have = {r["prompt"]: r["response"] for r in read_jsonl(path)} if path.is_file() else {}

@@ -42,7 +42,8 @@ from selftrain.monitor.activations import load_directions
 from selftrain.preferences import load_user_preferences
 from selftrain.run.resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target, graceful_interrupts,
                      parse_force, start_over, verify_outputs)
-from selftrain.engines.hf import SamplingParams, option_first_tokens, sample_stage
+from selftrain.engines.base import SamplingParams, option_first_tokens
+from selftrain.stages.sample import sample_stage
 from selftrain.config.checks import validate
 from selftrain.config.schema import monitor_settings
 from selftrain.engines.factory import check_engine, close_sampler, hf_sampler, make_labeller, make_sampler, preflight

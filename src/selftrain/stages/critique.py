@@ -16,7 +16,7 @@ from pathlib import Path
 
 from selftrain.constitution import Constitution
 from selftrain.run.resume import chunk_params, run_chunks
-from selftrain.engines.hf import Sampler, SamplingParams
+from selftrain.engines.base import Sampler, SamplingParams
 
 # Small models often echo a label before the text ("Revision: ..."); strip it.
 _LABEL = re.compile(r"^\s*\**\s*(?:revised response|revision|rewritten response|critique)\s*\**\s*:\s*\**\s*",

@@ -32,7 +32,7 @@ from datasets import Dataset
 
 from selftrain.constitution import Constitution, Principle
 from selftrain.run.records import atomic_dir, write_jsonl
-from selftrain.engines.hf import Sampler, SamplingParams
+from selftrain.engines.base import Sampler, SamplingParams
 
 # The multiple-choice question, after the CAI paper's comparison prompt.
 QUESTION = ("Consider the following conversation between a human and an assistant:\n\n"

@@ -1,0 +1,66 @@
+"""What every sampling engine shares: the `Sampler` protocol the stages call, `SamplingParams`,
+how stop strings end a reply, and how answer options map to first tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from selftrain import UserError
+
+Conversation = list[dict]
+
+# A request's or batch's seed is run seed x SEED_STRIDE + its index: distinct per request, stable
+# under any completion order (a large prime keeps seeds of neighbouring runs apart).
+SEED_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
+
+
+class Sampler(Protocol):
+    """Anything that turns chat conversations into assistant replies, order preserved."""
+
+    def chat(self, conversations: Sequence[Conversation], params: SamplingParams,
+             desc: str = "sampling") -> list[str]: ...
+
+    def describe(self) -> dict: ...
+
+    def option_logprobs(self, conversations: Sequence[Conversation], options: Sequence[str]) -> list[list[float]]:
+        """Per conversation, the natural-log probability of each option's first token at the next
+        position (full-vocabulary log-softmax, not renormalised over the options). A conversation
+        ending with an assistant message is continued; otherwise the assistant turn is opened."""
+        ...
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string (servers differ on whether they keep it)."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s) if s else -1
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def option_first_tokens(tokenizer, options: Sequence[str]) -> list[int]:
+    """Each option's first token id; a UserError when two options share one or an option is empty."""
+    firsts: list[int] = []
+    for o in options:
+        ids = tokenizer.encode(o, add_special_tokens=False)
+        if not ids:
+            raise UserError(f"labeller tokenizer maps option {o!r} to no tokens; set other preferences.options")
+        firsts.append(ids[0])
+    for i in range(len(options)):
+        for j in range(i):
+            if firsts[i] == firsts[j]:
+                raise UserError(f"labeller tokenizer cannot tell options {options[j]!r} and {options[i]!r} apart: "
+                                f"both start with token {firsts[i]} "
+                                f"({tokenizer.convert_ids_to_tokens(firsts[i])!r}); set other preferences.options")
+    return firsts
