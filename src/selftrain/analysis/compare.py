@@ -63,6 +63,7 @@ from selftrain.analysis.stats import load_probe_table, mean_ci, option_informati
 from selftrain.run.records import MANIFEST, flatten, now, read_json, read_jsonl, write_json, write_text
 from selftrain.analysis import plots
 from selftrain.analysis.pages import fmt, page
+from selftrain.run.layout import GenDir, gen_index, gen_name, is_gen_name
 from selftrain.analysis.drift_report import collapse_grid, collapse_panels
 from selftrain.run.resume import STAGES
 
@@ -103,7 +104,7 @@ def find_runs(dirs: list[Path]) -> list[Path]:
             found = [d]
         else:
             found = sorted({m.parent for pat in (f"*/{MANIFEST}", f"*/*/{MANIFEST}") for m in d.glob(pat)
-                            if not m.parent.name.startswith("gen-")})
+                            if not is_gen_name(m.parent.name)})
         if not found:
             raise UserError(f"{d}: no runs found (no {MANIFEST} in it or in its subfolders)")
         runs += [r for r in found if r not in runs]
@@ -361,8 +362,8 @@ def analyse(y: dict[str, np.ndarray], alpha: float, n_perm: int, rng: np.random.
 # ---------------------------------------------------------------- per-arm descriptions
 
 def _gen_dirs(run: dict) -> list[Path]:
-    return [run["dir"] / f"gen-{k:03d}" for k in range(run["generations"] + 1)
-            if (run["dir"] / f"gen-{k:03d}" / "probes").is_dir()]
+    gens = (GenDir(run["dir"], k) for k in range(run["generations"] + 1))
+    return [g.path for g in gens if g.probes.is_dir()]
 
 
 def training_data(runs: list[dict]) -> dict:
@@ -412,7 +413,7 @@ def drift_summary(runs: list[dict], k: int) -> dict:
             watches.append(sum(a["level"] == "watch" for a in al))
             dims.update(f"{a['dimension']} ({a['instrument']})" for a in al if a["level"] == "alert")
         for g in gens:
-            gk = int(g.name.split("-")[1])
+            gk = gen_index(g.name)
             col = g / "monitor" / "collapse.json"
             if col.is_file():
                 for m, v in read_json(col).items():
@@ -433,7 +434,7 @@ def compute(runs: list[dict]) -> dict:
     per_run, by_stage = [], Counter()
     for r in runs:
         total = 0.0
-        for g in sorted(r["dir"].glob("gen-*")):
+        for g in sorted(p for p in r["dir"].glob("*") if is_gen_name(p.name)):
             if not (g / MANIFEST).is_file():
                 continue
             for name, s in read_json(g / MANIFEST).get("stages", {}).items():
@@ -489,7 +490,7 @@ def _collect(dirs: list[Path], allow: list[str] | None, items: str) -> dict:
     min_auroc = mon.get("min_option_auroc", 0.6)
     tables = {}  # (arm, seed) -> {k: probe table}
     for r in runs:
-        tables[r["arm"], r["seed"]] = {int(g.name.split("-")[1]): load_probe_table(g / "probes")
+        tables[r["arm"], r["seed"]] = {gen_index(g.name): load_probe_table(GenDir.at(g).probes)
                                        for g in _gen_dirs(r)}
     tables0 = [t[0] for t in tables.values() if 0 in t]
     if not tables0:
@@ -611,7 +612,7 @@ def compare_runs(dirs: list[Path], allow: list[str] | None = None, items: str = 
         if a not in c["y"] or b not in c["y"]:  # every run of one arm stopped (gated) before the end
             verdicts.append({"a": a, "b": b, "result": "not compared", "n_seeds": 0, "significant": [],
                              "small_significant": [],
-                             "text": f"{a} vs {b}: not compared: no run of one of them reached gen-{G:03d} "
+                             "text": f"{a} vs {b}: not compared: no run of one of them reached {gen_name(G)} "
                                      "(gated by the monitor); see drift per arm."})
 
     novel = {"dimensions": [d for d in tested if families[d] == "novel"],
@@ -694,7 +695,7 @@ def pair_verdict(res: dict, dp: dict, design: dict, k: int) -> dict:
     n = min(dp["n_a"], dp["n_b"])
     sig = [dict(r, dimension=d) for d, r in dims.items() if r["significant"]]
     small = [r["dimension"] for r in sig if abs(r["diff"]) < eff]
-    head = f"{a} vs {b} at gen-{k:03d} ({dp['n_a']} and {_s(dp['n_b'])})"
+    head = f"{a} vs {b} at {gen_name(k)} ({dp['n_a']} and {_s(dp['n_b'])})"
     if not dp["reachable"]:
         big = max(dims.items(), key=lambda kv: abs(kv[1]["diff"]))
         text = (f"{head}: inconclusive by design. With these runs the permutation test cannot give p below "
@@ -764,7 +765,7 @@ def plan(dirs: list[Path], allow: list[str] | None = None, items: str = "informa
     if short:
         a, s = short[0]
         raise UserError(f"--plan needs a pilot with at least 2 seeds per arm to measure the seed-to-seed sd: "
-                        f"arm '{a}' has {len(s)} at gen-{c['G']:03d} (seeds: {', '.join(map(str, s)) or 'none'}); "
+                        f"arm '{a}' has {len(s)} at {gen_name(c['G'])} (seeds: {', '.join(map(str, s)) or 'none'}); "
                         f"run the pilot with seed=0,1")
     if len(c["arms"]) < 2:
         raise UserError(f"--plan needs a pilot with at least 2 arms; found only '{c['arms'][0]}'")
@@ -928,7 +929,7 @@ def render_markdown(c: dict) -> str:
     arm_seeds = ", ".join(f"{a} (seeds {' '.join(map(str, c['seeds'][a]))})" for a in arms)
     L += ["", "## Design", "",
           f"Arms: {arm_seeds}. "
-          f"Base model: `{dz['base_model']}`. Final generation: gen-{G:03d}. "
+          f"Base model: `{dz['base_model']}`. Final generation: {gen_name(G)}. "
           f"Probe suite: {(dz['probe_suite'] or {}).get('name')} "
           f"(sha256 {str((dz['probe_suite'] or {}).get('sha256'))[:12]}).",
           "", "Every run's resolved config is identical except `constitution.*`, `seed`, `run_name` and `report_to`"
@@ -979,7 +980,7 @@ def render_markdown(c: dict) -> str:
     for d, per in c["trajectories"].items():
         L.append(f"| {d} | {c['families'][d]} | " + " | ".join(_ci((per[a] or [None])[-1]) for a in arms) + " |")
     for r in c["differences"]:
-        L += ["", f"## {r['a']} − {r['b']} at gen-{G:03d}", "",
+        L += ["", f"## {r['a']} − {r['b']} at {gen_name(G)}", "",
               f"| dimension | {r['a']} | {r['b']} | Δ | 95% CI | p | p (Holm) | power for {s['min_effect']} | "
               f"run scores {r['a']} / {r['b']} |", "|---|---|---|---|---|---|---|---|---|"]
         L += [_diff_row(d, v) for d, v in r["dimensions"].items()]
@@ -997,7 +998,7 @@ def render_markdown(c: dict) -> str:
                      + ", ".join(f"{d} {v['diff']:+.3f} (Holm p {v['p_holm']:.3g})"
                                  for d, v in p["dimensions"].items()))
     L += ["", "## Trajectories (mean P(aligned) [95% CI] per generation)", "",
-          f"| dimension | arm | {' | '.join(f'gen-{k:03d}' for k in range(G + 1))} |",
+          f"| dimension | arm | {' | '.join(gen_name(k) for k in range(G + 1))} |",
           "|---|---|" + "---|" * (G + 1)]
     for d, per in c["trajectories"].items():
         for a in arms:
@@ -1056,7 +1057,7 @@ def render_html(c: dict) -> str:
                           for a in arms}} for d, per in c["trajectories"].items()]
     body.append(plots.grid(panels, ylabel="P(aligned)", min_span=4 * s["min_effect"], bounds=(0.0, 1.0)))
     for r in c["differences"]:
-        body.append(f"<h2>{e(r['a'])} − {e(r['b'])} at gen-{G:03d}</h2><div class='scroll'><table><tr>"
+        body.append(f"<h2>{e(r['a'])} − {e(r['b'])} at {gen_name(G)}</h2><div class='scroll'><table><tr>"
                     "<th>dimension</th><th>family</th><th>Δ</th><th>95% CI</th><th>p</th><th>p (Holm)</th></tr>")
         rows = list(r["dimensions"].items()) + [(f"all {f}", v) for f, v in r["families"].items()]
         for d, v in rows:
@@ -1076,7 +1077,7 @@ def _drift_html(c: dict) -> str:
     """Per arm: collapse metrics and embedding drift over generations (means over seeds), and
     where each arm's compute went."""
     arms, s = c["arms"], c["settings"]
-    gens = [f"gen-{k:03d}" for k in range(c["final_generation"] + 1)]
+    gens = [gen_name(k) for k in range(c["final_generation"] + 1)]
     out = []
     rel = s.get("collapse_rel")
     metrics = sorted({m for a in arms for m in c["drift"][a]["collapse"]})

@@ -29,6 +29,7 @@ from pathlib import Path
 from selftrain.analysis import plots
 from selftrain.stages.data import verdict
 from selftrain.analysis.pages import fmt, page
+from selftrain.run.layout import gen_dirs, gen_name
 from selftrain.run.records import MANIFEST, read_json, write_text
 from selftrain.run.resume import STAGES
 from selftrain.analysis.drift_report import (collapse_grid, collapse_panels, embedding_points, stage_timings, value_grid, value_panels,
@@ -56,7 +57,7 @@ def _json(path: Path) -> dict | None:
 
 
 def _gens(run_dir: Path) -> list[Path]:
-    return sorted(g for g in run_dir.glob("gen-[0-9][0-9][0-9]") if g.is_dir())
+    return gen_dirs(run_dir)
 
 
 def collect(run_dir: Path) -> dict:
@@ -197,7 +198,7 @@ def _status_html(d: dict) -> str:
     cfg = m.get("config") or {}
     if cfg.get("generations") is not None:
         out.append(f" · generations finished {e(str(m.get('generations_done', 0)))} of {cfg['generations'] + 1} "
-                   f"(gen-000 … gen-{cfg['generations']:03d})")
+                   f"({gen_name(0)} … {gen_name(cfg['generations'])})")
     out.append(f" · started {e(str(m.get('started', '–')))}" + (f" · finished {e(str(m['finished']))}"
                                                                    if m.get("finished") else "") + "</p>")
     gate = m.get("gate")
@@ -231,7 +232,7 @@ def _config_html(m: dict) -> str:
                          f"{con.get('path', '')} · sha256 {str(con.get('sha256', ''))[:12]}"),
         ("model (gen-000)", str(m.get("base_model") or (cfg.get("model") or {}).get("name_or_path"))),
         ("seed", str((m.get("seeds") or {}).get("seed", cfg.get("seed")))),
-        ("generations", f"{cfg.get('generations')} trained, gen-000 … gen-{cfg.get('generations', 0):03d} probed"),
+        ("generations", f"{cfg.get('generations')} trained, {gen_name(0)} … {gen_name(cfg.get('generations', 0))} probed"),
         ("prompts", f"{pr.get('count', '–')} (" + ", ".join(f"{k} {v}" for k, v in (pr.get("by_source") or {}).items())
                     + ")"),
         ("critique", f"{(cfg.get('critique') or {}).get('rounds')} round(s), few-shot "

@@ -23,7 +23,8 @@ from selftrain.analysis.stats import (LEVELS, collapse_levels, compare, concealm
 from selftrain.analysis import plots
 from selftrain.analysis.stats import COLLAPSE_WORSE_IF_HIGHER, COLLAPSE_WORSE_IF_LOWER
 from selftrain.analysis.pages import fmt, page
-from selftrain.run.records import gen_dir, read_json, read_jsonl, write_json, write_text
+from selftrain.run.layout import gen_dir, gen_name
+from selftrain.run.records import read_json, read_jsonl, write_json, write_text
 from selftrain.run.resume import STAGES
 
 
@@ -227,8 +228,8 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def generation_report(run_dir: Path, k: int, settings: dict) -> dict:
-    gens = [(f"gen-{j:03d}", gen_dir(run_dir, j)) for j in range(k + 1)]
-    rep = build_report(gens, settings, title=f"Drift report: gen-{k:03d}")
+    gens = [(gen_name(j), gen_dir(run_dir, j)) for j in range(k + 1)]
+    rep = build_report(gens, settings, title=f"Drift report: {gen_name(k)}")
     rep["run"] = str(run_dir)
     rep["examples"] = examples(run_dir, k)
     rep["stage_timings"] = stage_timings(run_dir, k)
@@ -311,7 +312,7 @@ def stage_timings(run_dir: Path, k: int) -> dict:
                             if st.get("counts", {}).get(c) is not None}}
                   for name, st in m.get("stages", {}).items() if st.get("status") == "done"}
         if stages:
-            out[f"gen-{j:03d}"] = {"stages": stages, "wall_s": m.get("wall_s"),
+            out[gen_name(j)] = {"stages": stages, "wall_s": m.get("wall_s"),
                                    "monitor_fraction": m.get("monitor_fraction")}
     return out
 
@@ -571,7 +572,7 @@ def value_panels(rep: dict, alerts: list[dict] | None = None) -> list[dict]:
 
 def value_grid(panels: list[dict], min_effect: float) -> str:
     return plots.grid(panels, ylabel="P(aligned)", min_span=4 * min_effect, bounds=(0.0, 1.0),
-                      band_label=f"gen-000 ± min_effect {min_effect:g}: a shift inside cannot alert")
+                      band_label=f"{gen_name(0)} ± min_effect {min_effect:g}: a shift inside cannot alert")
 
 
 def value_scale_note(min_effect: float) -> str:
@@ -699,7 +700,7 @@ def training_section(run_dir: Path, k: int) -> list[dict]:
         train = stages.get("train", {}).get("counts")
         if not train:
             continue
-        entry = {"from": f"gen-{j:03d}", "to": f"gen-{j + 1:03d}", "method": train.get("method", "sft"),
+        entry = {"from": gen_name(j), "to": gen_name(j + 1), "method": train.get("method", "sft"),
                  "relative_l2": train.get("relative_l2")}
         label = stages.get("label", {}).get("counts")
         if (g / "preferences.jsonl").is_file():

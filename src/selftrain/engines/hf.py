@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from selftrain import UserError
 from selftrain.run.resume import chunk_params, run_chunks
+from selftrain.run import seeds
 
 Conversation = list[dict]
 
@@ -480,7 +481,7 @@ class HFSampler:
                 if self.prefill_rows and len(idx) > 1 else None
             if cache is None and prefix_kv is not None:
                 cache = expanded_cache(prefix_kv, len(idx), self.model.config)
-            torch.manual_seed(params.seed * 1_000_003 + b)
+            torch.manual_seed(seeds.batch(params.seed, b))
             if self.decode_loop and isinstance(cache, DynamicCache) and cache.layers \
                     and all(type(x) is ReservedLayer for x in cache.layers) and (greedy or self.fast_nucleus):
                 new, h = self._decode(cache, rows, mask, params, eos_ids, entropy=ent is not None)

@@ -29,6 +29,7 @@ from selftrain.monitor.steering import steering_check
 from selftrain.monitor.suites import Suite
 from selftrain.run.records import atomic_dir, read_json, write_json, write_jsonl
 from selftrain.engines.hf import HFSampler, SamplingParams, packed_linears
+from selftrain.run import seeds
 
 
 def monitor_prompts(suite: Suite, n: int) -> list[str]:
@@ -281,7 +282,7 @@ def monitor_checkpoints(cfg, out: Path) -> dict:
                                   cfg.model.device)
         write_json(folder / "checkpoint.json", {"label": labels[i], "path": path})
         probe_model(model, tok, suite, cfg.probes, cfg.monitor, folder, reference=None if i == 0 else folders[0],
-                    seed=cfg.seed + i, batch_size=cfg.batch_size)
+                    seed=seeds.checkpoint(cfg.seed, i), batch_size=cfg.batch_size)
         del model
         gc.collect()
     report = build_report(list(zip(labels, folders)), monitor_settings(cfg.monitor), alert_on=labels[1:],
