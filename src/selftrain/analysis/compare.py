@@ -382,9 +382,9 @@ def training_data(runs: list[dict]) -> dict:
             c = stages["data"]["counts"]
             records, kept = records + c["records"], kept + c["kept"]
             usage.update(stages.get("critique", {}).get("counts", {}).get("principle_usage", {}))
-            sft = g / "data" / "sft"
+            sft = GenDir.at(g).sft
             kept_ids = set(load_from_disk(str(sft))["prompt_id"]) if (sft / "dataset_info.json").is_file() else set()
-            for rec in read_jsonl(g / "critiques.jsonl"):
+            for rec in read_jsonl(GenDir.at(g).critiques):
                 change.append(1 - difflib.SequenceMatcher(None, rec["response"].split(), rec["final"].split(),
                                                           autojunk=False).ratio())
                 crit_words += [len(rd["critique"].split()) for rd in rec["rounds"]]
@@ -406,7 +406,7 @@ def drift_summary(runs: list[dict], k: int) -> dict:
     for r in runs:
         gated += r["manifest"]["status"] == "gated"
         gens = _gen_dirs(r)
-        rep = gens[-1] / "drift" / "report.json"
+        rep = GenDir.at(gens[-1]).report_json
         if rep.is_file():
             al = read_json(rep)["alerts"]
             alerts.append(sum(a["level"] == "alert" for a in al))
@@ -414,12 +414,12 @@ def drift_summary(runs: list[dict], k: int) -> dict:
             dims.update(f"{a['dimension']} ({a['instrument']})" for a in al if a["level"] == "alert")
         for g in gens:
             gk = gen_index(g.name)
-            col = g / "monitor" / "collapse.json"
+            col = GenDir.at(g).monitor / "collapse.json"
             if col.is_file():
                 for m, v in read_json(col).items():
                     if isinstance(v, (int, float)):
                         collapse.setdefault(m, {}).setdefault(gk, []).append(float(v))
-            emb = g / "monitor" / "embedding.json"
+            emb = GenDir.at(g).monitor / "embedding.json"
             if emb.is_file() and read_json(emb).get("effect") is not None:
                 embedding.setdefault(gk, []).append(float(read_json(emb)["effect"]))
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731

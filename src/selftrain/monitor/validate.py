@@ -198,7 +198,7 @@ class Screener:
             self.tok = models.load_tokenizer(self.base, self.cfg.model.trust_remote_code)
             self.model = models.load_model(self.base, self.cfg.model.dtype, self.cfg.model.trust_remote_code,
                                            self.cfg.model.allow_pickle, self.cfg.model.device)
-            self.directions = load_directions(self.ref / "monitor" / "directions")
+            self.directions = load_directions(GenDir.at(self.ref).directions)
 
     def own_answers(self, prompts: list[str]) -> dict[str, str]:
         from selftrain.run.records import read_jsonl, write_jsonl
@@ -285,7 +285,7 @@ def run(cfg, out: Path) -> dict:
         timings["reference_probe_s"] = round(_probe(Path(base), ref, None, suite, cfg, cfg.seed), 1)
         write_json(ref / "done.json", {"probe_s": timings["reference_probe_s"]})
         write_json(out / "timings.json", timings)
-    elif cfg.monitor.activations and cfg.monitor.steer and not (ref / "monitor" / "steering.json").is_file():
+    elif cfg.monitor.activations and cfg.monitor.steer and not (GenDir.at(ref).monitor / "steering.json").is_file():
         # a reference probed before the steering check existed: mark its directions now
         from selftrain.monitor.probe import mark_causal
         tok = models.load_tokenizer(base, cfg.model.trust_remote_code)
