@@ -164,11 +164,12 @@ def screen_generation(model, tokenizer, gen_dir: Path, method: str, directions: 
                    rows=len(rows) + len(skipped), rows_screened=len(rows))
     with atomic_dir(gen.screen) as tmp:  # tmp stands for gen-k/screen: the same names inside
         write_json(tmp / gen.screen_json.name, summary)
-        write_jsonl(tmp / gen.screen_rows.name, [{"dataset": r["dataset"], "row": r["index"], "prompt_id": r["prompt_id"],
-                                          "source": r["source"], "principles": r["principles"],
-                                          "difference": {d: float(diff[d][i]) for d in diff}, "flagged": flags[i],
-                                          "dropped": mode == "drop" and flags[i]}
-                                         for i, r in enumerate(rows)])
+        write_jsonl(tmp / gen.screen_rows.name,
+                    [{"dataset": r["dataset"], "row": r["index"], "prompt_id": r["prompt_id"],
+                      "source": r["source"], "principles": r["principles"],
+                      "difference": {d: float(diff[d][i]) for d in diff}, "flagged": flags[i],
+                      "dropped": mode == "drop" and flags[i]}
+                     for i, r in enumerate(rows)])
         if mode == "drop":
             _filtered_copy(gen.data, tmp / gen.screen_data.name, rows, flags)
     return summary
