@@ -193,6 +193,8 @@ def _dashboard(run_dir: Path) -> None:
 
 
 def _run(cfg, run_dir: Path, lock: RunLock, group: str) -> dict:
+    """run() under the folder's lock: check everything that can be checked read-only, then set the
+    folder up (start over, force a stage, or resume), record the run's inputs and run the generations."""
     import datasets
 
     datasets.disable_progress_bars()  # one bar per stage is ours; datasets' save/map bars are noise
