@@ -35,3 +35,34 @@ def test_build_datasets_counts_and_rows(tmp_path):
 def test_clean_strips_labels():
     assert clean("Revision: Here it is.") == "Here it is."
     assert clean("**Critique:** too vague") == "too vague"
+
+
+def _cfg(method: str, source: str):
+    from types import SimpleNamespace as NS
+
+    return NS(train=NS(method=method), preferences=NS(source=source),
+              data=NS(min_words=3, max_top_trigram_share=0.3))
+
+
+def test_run_data_owns_data_preference_only_without_a_label_stage(tmp_path):
+    """The stage contract: run_data reads gen-k/critiques.jsonl and writes what `outputs` names, nothing else."""
+    import pytest
+
+    from selftrain import UserError
+    from selftrain.run.layout import GenDir
+    from selftrain.run.records import write_jsonl
+    from selftrain.stages import data
+
+    good = rec("a", "Sure, here's how to do it.", "I won't help with that, but I can suggest a safer option.")
+    for method, source, owns_pref in (("sft", "revision", True), ("sft_dpo", "revision", True),
+                                      ("sft_dpo", "ai_feedback", False)):
+        gen = GenDir(tmp_path / f"{method}-{source}", 0)
+        write_jsonl(gen.critiques, [good])
+        cfg = _cfg(method, source)
+        assert data.outputs(gen, cfg) == [gen.sft] + ([gen.preference] if owns_pref else [])
+        assert data.run_data(gen, cfg)["kept"] == 1
+        assert gen.sft.is_dir() and gen.preference.exists() == owns_pref
+    gen = GenDir(tmp_path / "none", 0)
+    write_jsonl(gen.critiques, [rec("b", "Hello there", "")])
+    with pytest.raises(UserError, match="generation 0: every revision was dropped"):
+        data.run_data(gen, _cfg("sft", "revision"))

@@ -1,5 +1,6 @@
 """The drift report's stage-timings section is read from the generations' manifests."""
-from selftrain.run.records import MANIFEST, Manifest, gen_dir
+from selftrain.run.layout import MANIFEST, gen_dir
+from selftrain.run.records import Manifest
 from selftrain.analysis.drift_report import render_markdown, stage_timings
 
 

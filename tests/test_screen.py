@@ -8,7 +8,6 @@ import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import MINI_SUITE, TINY_OVERRIDES, compose
@@ -147,14 +146,15 @@ def test_the_loop_screens_between_data_and_guard_and_reports_it(tiny_run_1gen):
 
 def test_screen_gate_stops_before_training_with_the_reason_in_both_manifests(tiny_model, tmp_path, monkeypatch):
     import selftrain.run.loop as loop
+    import selftrain.stages.screen as screen
 
-    real = loop.screen_generation
+    real = screen.screen_generation
 
     def flag_everything(model, tok, gen_dir, method, dirs, mode, alpha, threshold, row_threshold, bs):
         # the real screen, with a threshold below any reachable lower bound: every dimension flags
         return real(model, tok, gen_dir, method, dirs, mode, alpha, -1e9, row_threshold, bs)
 
-    monkeypatch.setattr(loop, "screen_generation", flag_everything)
+    monkeypatch.setattr(screen, "screen_generation", flag_everything)
     d = tmp_path / "run"
     m = loop.run(compose(LOOP_ARGS + [f"model.name_or_path={tiny_model}", "monitor.screen=gate", "monitor.steer=false"]), d)
     assert m["status"] == "gated" and m["gate"]["stopped_before"] == "gen-001"

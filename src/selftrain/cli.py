@@ -309,7 +309,7 @@ def dashboard_main(argv: list[str] | None = None) -> int:
     import argparse
 
     from selftrain.analysis.dashboard import write_dashboard
-    from selftrain.run.records import MANIFEST
+    from selftrain.run.layout import MANIFEST
 
     ap = argparse.ArgumentParser(prog="selftrain-dashboard", description=DASHBOARD_HELP)
     ap.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (holds manifest.json and gen-*/)")

@@ -58,7 +58,8 @@ from scipy import stats
 
 from selftrain import UserError
 from selftrain.analysis.stats import load_probe_table, mean_ci, option_informativeness, options_informative
-from selftrain.run.records import MANIFEST, config_diff, flatten, now, read_json, read_jsonl, write_json, write_text
+from selftrain.run.layout import MANIFEST, GenDir, gen_index, gen_name, is_gen_name
+from selftrain.run.records import config_diff, flatten, now, read_json, read_jsonl, write_json, write_text
 from selftrain.analysis.compare_render import render_html, render_markdown
 from selftrain.analysis.permutation import (EXACT_LIMIT, MAX_SEEDS, POWER, analyse, design_power, diff_ci, seed_sd,
                                             seeds_needed)
@@ -97,7 +98,7 @@ def find_runs(dirs: list[Path]) -> list[Path]:
             found = [d]
         else:
             found = sorted({m.parent for pat in (f"*/{MANIFEST}", f"*/*/{MANIFEST}") for m in d.glob(pat)
-                            if not m.parent.name.startswith("gen-")})
+                            if not is_gen_name(m.parent.name)})
         if not found:
             raise UserError(f"{d}: no runs found (no {MANIFEST} in it or in its subfolders)")
         runs += [r for r in found if r not in runs]
@@ -209,8 +210,8 @@ def _arm_key(a: str):
 # ---------------------------------------------------------------- per-arm descriptions
 
 def _gen_dirs(run: dict) -> list[Path]:
-    return [run["dir"] / f"gen-{k:03d}" for k in range(run["generations"] + 1)
-            if (run["dir"] / f"gen-{k:03d}" / "probes").is_dir()]
+    gens = (GenDir(run["dir"], k) for k in range(run["generations"] + 1))
+    return [g.path for g in gens if g.probes.is_dir()]
 
 
 def training_data(runs: list[dict]) -> dict:
@@ -229,9 +230,9 @@ def training_data(runs: list[dict]) -> dict:
             c = stages["data"]["counts"]
             records, kept = records + c["records"], kept + c["kept"]
             usage.update(stages.get("critique", {}).get("counts", {}).get("principle_usage", {}))
-            sft = g / "data" / "sft"
+            sft = GenDir.at(g).sft
             kept_ids = set(load_from_disk(str(sft))["prompt_id"]) if (sft / "dataset_info.json").is_file() else set()
-            for rec in read_jsonl(g / "critiques.jsonl"):
+            for rec in read_jsonl(GenDir.at(g).critiques):
                 change.append(1 - difflib.SequenceMatcher(None, rec["response"].split(), rec["final"].split(),
                                                           autojunk=False).ratio())
                 crit_words += [len(rd["critique"].split()) for rd in rec["rounds"]]
@@ -253,20 +254,20 @@ def drift_summary(runs: list[dict], k: int) -> dict:
     for r in runs:
         gated += r["manifest"]["status"] == "gated"
         gens = _gen_dirs(r)
-        rep = gens[-1] / "drift" / "report.json"
+        rep = GenDir.at(gens[-1]).report_json
         if rep.is_file():
             al = read_json(rep)["alerts"]
             alerts.append(sum(a["level"] == "alert" for a in al))
             watches.append(sum(a["level"] == "watch" for a in al))
             dims.update(f"{a['dimension']} ({a['instrument']})" for a in al if a["level"] == "alert")
         for g in gens:
-            gk = int(g.name.split("-")[1])
-            col = g / "monitor" / "collapse.json"
+            gk = gen_index(g.name)
+            col = GenDir.at(g).monitor / "collapse.json"
             if col.is_file():
                 for m, v in read_json(col).items():
                     if isinstance(v, (int, float)):
                         collapse.setdefault(m, {}).setdefault(gk, []).append(float(v))
-            emb = g / "monitor" / "embedding.json"
+            emb = GenDir.at(g).monitor / "embedding.json"
             if emb.is_file() and read_json(emb).get("effect") is not None:
                 embedding.setdefault(gk, []).append(float(read_json(emb)["effect"]))
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
@@ -281,7 +282,7 @@ def compute(runs: list[dict]) -> dict:
     per_run, by_stage = [], Counter()
     for r in runs:
         total = 0.0
-        for g in sorted(r["dir"].glob("gen-*")):
+        for g in sorted(p for p in r["dir"].glob("*") if is_gen_name(p.name)):
             if not (g / MANIFEST).is_file():
                 continue
             for name, s in read_json(g / MANIFEST).get("stages", {}).items():
@@ -337,7 +338,7 @@ def _collect(dirs: list[Path], allow: list[str] | None, items: str) -> dict:
     min_auroc = mon.get("min_option_auroc", 0.6)
     tables = {}  # (arm, seed) -> {k: probe table}
     for r in runs:
-        tables[r["arm"], r["seed"]] = {int(g.name.split("-")[1]): load_probe_table(g / "probes")
+        tables[r["arm"], r["seed"]] = {gen_index(g.name): load_probe_table(GenDir.at(g).probes)
                                        for g in _gen_dirs(r)}
     tables0 = [t[0] for t in tables.values() if 0 in t]
     if not tables0:
@@ -459,7 +460,7 @@ def compare_runs(dirs: list[Path], allow: list[str] | None = None, items: str = 
         if a not in c["y"] or b not in c["y"]:  # every run of one arm stopped (gated) before the end
             verdicts.append({"a": a, "b": b, "result": "not compared", "n_seeds": 0, "significant": [],
                              "small_significant": [],
-                             "text": f"{a} vs {b}: not compared: no run of one of them reached gen-{G:03d} "
+                             "text": f"{a} vs {b}: not compared: no run of one of them reached {gen_name(G)} "
                                      "(gated by the monitor); see drift per arm."})
 
     novel = {"dimensions": [d for d in tested if families[d] == "novel"],
@@ -542,7 +543,7 @@ def pair_verdict(res: dict, dp: dict, design: dict, k: int) -> dict:
     n = min(dp["n_a"], dp["n_b"])
     sig = [dict(r, dimension=d) for d, r in dims.items() if r["significant"]]
     small = [r["dimension"] for r in sig if abs(r["diff"]) < eff]
-    head = f"{a} vs {b} at gen-{k:03d} ({dp['n_a']} and {_s(dp['n_b'])})"
+    head = f"{a} vs {b} at {gen_name(k)} ({dp['n_a']} and {_s(dp['n_b'])})"
     if not dp["reachable"]:
         big = max(dims.items(), key=lambda kv: abs(kv[1]["diff"]))
         text = (f"{head}: inconclusive by design. With these runs the permutation test cannot give p below "
@@ -612,7 +613,7 @@ def plan(dirs: list[Path], allow: list[str] | None = None, items: str = "informa
     if short:
         a, s = short[0]
         raise UserError(f"--plan needs a pilot with at least 2 seeds per arm to measure the seed-to-seed sd: "
-                        f"arm '{a}' has {len(s)} at gen-{c['G']:03d} (seeds: {', '.join(map(str, s)) or 'none'}); "
+                        f"arm '{a}' has {len(s)} at {gen_name(c['G'])} (seeds: {', '.join(map(str, s)) or 'none'}); "
                         f"run the pilot with seed=0,1")
     if len(c["arms"]) < 2:
         raise UserError(f"--plan needs a pilot with at least 2 arms; found only '{c['arms'][0]}'")

@@ -11,6 +11,7 @@ from selftrain.analysis import plots
 from selftrain.analysis.drift_report import collapse_grid, collapse_panels
 from selftrain.analysis.permutation import MAX_SEEDS
 from selftrain.analysis.render import fmt, md_table, page
+from selftrain.run.layout import gen_name
 from selftrain.run.resume import STAGES
 
 
@@ -87,7 +88,7 @@ def _md_verdict_design(c: dict) -> list[str]:
     arm_seeds = ", ".join(f"{a} (seeds {' '.join(map(str, c['seeds'][a]))})" for a in arms)
     L += ["", "## Design", "",
           f"Arms: {arm_seeds}. "
-          f"Base model: `{dz['base_model']}`. Final generation: gen-{G:03d}. "
+          f"Base model: `{dz['base_model']}`. Final generation: {gen_name(G)}. "
           f"Probe suite: {(dz['probe_suite'] or {}).get('name')} "
           f"(sha256 {str((dz['probe_suite'] or {}).get('sha256'))[:12]}).",
           "", "Every run's resolved config is identical except `constitution.*`, `seed`, `run_name` and `report_to`"
@@ -151,7 +152,7 @@ def _md_results(c: dict) -> list[str]:
     for d, per in c["trajectories"].items():
         L.append(f"| {d} | {c['families'][d]} | " + " | ".join(_ci((per[a] or [None])[-1]) for a in arms) + " |")
     for r in c["differences"]:
-        L += ["", f"## {r['a']} − {r['b']} at gen-{G:03d}", "",
+        L += ["", f"## {r['a']} − {r['b']} at {gen_name(G)}", "",
               f"| dimension | {r['a']} | {r['b']} | Δ | 95% CI | p | p (Holm) | power for {s['min_effect']} | "
               f"run scores {r['a']} / {r['b']} |", "|---|---|---|---|---|---|---|---|---|"]
         L += [_diff_row(d, v) for d, v in r["dimensions"].items()]
@@ -169,7 +170,7 @@ def _md_results(c: dict) -> list[str]:
                      + ", ".join(f"{d} {v['diff']:+.3f} (Holm p {v['p_holm']:.3g})"
                                  for d, v in p["dimensions"].items()))
     L += ["", "## Trajectories (mean P(aligned) [95% CI] per generation)", "",
-          f"| dimension | arm | {' | '.join(f'gen-{k:03d}' for k in range(G + 1))} |",
+          f"| dimension | arm | {' | '.join(gen_name(k) for k in range(G + 1))} |",
           "|---|---|" + "---|" * (G + 1)]
     for d, per in c["trajectories"].items():
         for a in arms:
@@ -241,7 +242,7 @@ def render_html(c: dict) -> str:
                           for a in arms}} for d, per in c["trajectories"].items()]
     body.append(plots.grid(panels, ylabel="P(aligned)", min_span=4 * s["min_effect"], bounds=(0.0, 1.0)))
     for r in c["differences"]:
-        body.append(f"<h2>{e(r['a'])} − {e(r['b'])} at gen-{G:03d}</h2><div class='scroll'><table><tr>"
+        body.append(f"<h2>{e(r['a'])} − {e(r['b'])} at {gen_name(G)}</h2><div class='scroll'><table><tr>"
                     "<th>dimension</th><th>family</th><th>Δ</th><th>95% CI</th><th>p</th><th>p (Holm)</th></tr>")
         rows = list(r["dimensions"].items()) + [(f"all {f}", v) for f, v in r["families"].items()]
         for d, v in rows:
@@ -261,7 +262,7 @@ def _drift_html(c: dict) -> str:
     """Per arm: collapse metrics and embedding drift over generations (means over seeds), and
     where each arm's compute went."""
     arms, s = c["arms"], c["settings"]
-    gens = [f"gen-{k:03d}" for k in range(c["final_generation"] + 1)]
+    gens = [gen_name(k) for k in range(c["final_generation"] + 1)]
     out = []
     rel = s.get("collapse_rel")
     metrics = sorted({m for a in arms for m in c["drift"][a]["collapse"]})

@@ -29,7 +29,8 @@ from pathlib import Path
 from selftrain.analysis import plots
 from selftrain.stages.data import verdict
 from selftrain.analysis.render import fmt, page
-from selftrain.run.records import MANIFEST, read_json, write_text
+from selftrain.run.layout import MANIFEST, GenDir, gen_dirs, gen_index, gen_name
+from selftrain.run.records import read_json, write_text
 from selftrain.run.resume import STAGES
 from selftrain.analysis.drift_report import (collapse_grid, collapse_panels, embedding_points, stage_timings, value_grid, value_panels,
                      value_scale_note)
@@ -56,7 +57,7 @@ def _json(path: Path) -> dict | None:
 
 
 def _gens(run_dir: Path) -> list[Path]:
-    return sorted(g for g in run_dir.glob("gen-[0-9][0-9][0-9]") if g.is_dir())
+    return gen_dirs(run_dir)
 
 
 def collect(run_dir: Path) -> dict:
@@ -64,20 +65,20 @@ def collect(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     manifest = _json(run_dir / MANIFEST) or {}
     gens = _gens(run_dir)
-    reports = {g.name: _json(g / "drift" / "report.json") for g in gens}
+    reports = {g.name: _json(GenDir.at(g).report_json) for g in gens}
     reports = {n: r for n, r in reports.items() if r}
     latest = reports[max(reports)] if reports else None
     alerts = [a for r in reports.values() for a in r.get("alerts", []) + r.get("improvements", [])]
-    k_last = int(gens[-1].name.split("-")[1]) if gens else 0
+    k_last = gen_index(gens[-1].name) if gens else 0
     data_cfg = (manifest.get("config") or {}).get("data") or {}
-    n_gens = sum((g / "critiques.jsonl").is_file() for g in gens)
+    n_gens = sum(GenDir.at(g).critiques.is_file() for g in gens)
     per_gen = max(1, min(TRANSCRIPTS_PER_GEN, TRANSCRIPTS_TOTAL // max(n_gens, 1)))
     return {"run_dir": str(run_dir), "name": run_dir.name, "manifest": manifest,
             "gen_manifests": {g.name: _json(g / MANIFEST) or {} for g in gens},
             "reports": reports, "latest": latest, "alerts": alerts,
             "timings": stage_timings(run_dir, k_last) if gens else {},
             "transcripts": {g.name: transcripts(g, data_cfg, per_gen) for g in gens
-                            if (g / "critiques.jsonl").is_file()}}
+                            if GenDir.at(g).critiques.is_file()}}
 
 
 # ---------------------------------------------------------------- transcripts
@@ -85,7 +86,7 @@ def collect(run_dir: Path) -> dict:
 def screen_rows(gen: Path) -> dict:
     """What a data screen recorded per row: {("id", prompt_id) or ("row", i): [records]} (a prompt
     can have an SFT and a preference row)."""
-    path = gen / "screen" / "rows.jsonl"
+    path = GenDir.at(gen).screen_rows
     out: dict = {}
     if not path.is_file():
         return out
@@ -113,7 +114,7 @@ def kept_ids(sft: Path) -> set[str] | None:
 
 def transcripts(gen: Path, data_cfg: dict, limit: int) -> dict:
     """A seeded sample of gen/critiques.jsonl (flagged rows first), each with its data verdict."""
-    path = gen / "critiques.jsonl"
+    path = GenDir.at(gen).critiques
     screen = screen_rows(gen)
     flags = {k for k, recs in screen.items() if any(r.get("flagged") for r in recs)}
     by_id = {k[1] for k in flags if k[0] == "id"}
@@ -131,9 +132,9 @@ def transcripts(gen: Path, data_cfg: dict, limit: int) -> dict:
     take = flagged_rows[:limit]
     take += random.Random(f"dashboard:{gen.name}").sample(rest, min(len(rest), limit - len(take)))
     wanted = set(take)
-    kept = kept_ids(gen / "data" / "sft")
+    kept = kept_ids(GenDir.at(gen).sft)
     # monitor.screen=drop: training reads the screen's filtered copy, so a row it left out was dropped
-    screened = kept_ids(gen / "screen" / "data" / "sft")
+    screened = kept_ids(GenDir.at(gen).screen_data / GenDir.at(gen).sft.name)
     rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
         i = 0
@@ -197,7 +198,7 @@ def _status_html(d: dict) -> str:
     cfg = m.get("config") or {}
     if cfg.get("generations") is not None:
         out.append(f" · generations finished {e(str(m.get('generations_done', 0)))} of {cfg['generations'] + 1} "
-                   f"(gen-000 … gen-{cfg['generations']:03d})")
+                   f"({gen_name(0)} … {gen_name(cfg['generations'])})")
     out.append(f" · started {e(str(m.get('started', '–')))}" + (f" · finished {e(str(m['finished']))}"
                                                                    if m.get("finished") else "") + "</p>")
     gate = m.get("gate")
@@ -231,7 +232,7 @@ def _config_html(m: dict) -> str:
                          f"{con.get('path', '')} · sha256 {str(con.get('sha256', ''))[:12]}"),
         ("model (gen-000)", str(m.get("base_model") or (cfg.get("model") or {}).get("name_or_path"))),
         ("seed", str((m.get("seeds") or {}).get("seed", cfg.get("seed")))),
-        ("generations", f"{cfg.get('generations')} trained, gen-000 … gen-{cfg.get('generations', 0):03d} probed"),
+        ("generations", f"{cfg.get('generations')} trained, {gen_name(0)} … {gen_name(cfg.get('generations', 0))} probed"),
         ("prompts", f"{pr.get('count', '–')} (" + ", ".join(f"{k} {v}" for k, v in (pr.get("by_source") or {}).items())
                     + ")"),
         ("critique", f"{(cfg.get('critique') or {}).get('rounds')} round(s), few-shot "

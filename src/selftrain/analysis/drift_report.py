@@ -23,7 +23,8 @@ from selftrain.analysis.stats import (LEVELS, collapse_levels, compare, concealm
 from selftrain.analysis import plots
 from selftrain.analysis.stats import COLLAPSE_WORSE_IF_HIGHER, COLLAPSE_WORSE_IF_LOWER
 from selftrain.analysis.render import fmt, page
-from selftrain.run.records import gen_dir, read_json, read_jsonl, write_json, write_text
+from selftrain.run.layout import GenDir, gen_dir, gen_name
+from selftrain.run.records import read_json, read_jsonl, write_json, write_text
 from selftrain.run.resume import STAGES
 
 
@@ -45,8 +46,8 @@ def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[st
     holm_floor and mde)."""
     names = [n for n, _ in gens]
     alert_on = alert_on or names[-1:]
-    tables = {n: load_probe_table(Path(d) / "probes") for n, d in gens}
-    mon = {n: {k: _maybe(Path(d) / "monitor" / f"{k}.json") for k in ("activations", "embedding", "collapse")}
+    tables = {n: load_probe_table(GenDir.at(d).probes) for n, d in gens}
+    mon = {n: {k: _maybe(GenDir.at(d).monitor / f"{k}.json") for k in ("activations", "embedding", "collapse")}
            for n, d in gens}
     ref = names[0]
     dims = _dimension_info(tables[ref], settings)
@@ -69,7 +70,7 @@ def build_report(gens: list[tuple[str, Path]], settings: dict, alert_on: list[st
     order = {lv: k for k, lv in enumerate(LEVELS)}
     alerts = found.alerts
     alerts.sort(key=lambda x: (-order[x["level"]], x["candidate"], x.get("comparison", ""), -abs(x.get("delta") or 0)))
-    steering = _maybe(Path(gens[0][1]) / "monitor" / "steering.json")
+    steering = _maybe(GenDir.at(gens[0][1]).monitor / "steering.json")
     return {"title": title, "reference": ref, "candidates": names[1:], "generations": names,
             "steering": steering or {},
             "alert_on": alert_on, "settings": settings, "alerts": alerts, "improvements": found.improvements,
@@ -266,15 +267,15 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def generation_report(run_dir: Path, k: int, settings: dict) -> dict:
-    gens = [(f"gen-{j:03d}", gen_dir(run_dir, j)) for j in range(k + 1)]
-    rep = build_report(gens, settings, title=f"Drift report: gen-{k:03d}")
+    gens = [(gen_name(j), gen_dir(run_dir, j)) for j in range(k + 1)]
+    rep = build_report(gens, settings, title=f"Drift report: {gen_name(k)}")
     rep["run"] = str(run_dir)
     rep["examples"] = examples(run_dir, k)
     rep["stage_timings"] = stage_timings(run_dir, k)
     rep["training"] = training_section(run_dir, k)
     # the screen of the data that trained this generation, read before it was trained in
-    rep["screen"] = _maybe(gen_dir(run_dir, k - 1) / "screen" / "screen.json") if k else None
-    write_report(rep, gen_dir(run_dir, k) / "drift")
+    rep["screen"] = _maybe(GenDir(run_dir, k - 1).screen_json) if k else None
+    write_report(rep, GenDir(run_dir, k).drift)
     return rep
 
 
@@ -286,11 +287,11 @@ def examples(run_dir: Path, k: int) -> dict:
 
     These are model-generated strings: untrusted text that every renderer escapes."""
     out: dict = {}
-    mon = gen_dir(run_dir, k) / "monitor" / "samples.jsonl"
+    mon = GenDir(run_dir, k).monitor / "samples.jsonl"
     if mon.is_file():
         out["monitor_samples"] = [{"prompt": r["prompt"], "response": r["response"]}
                                   for r in read_jsonl(mon)[:EXAMPLES]]
-    crit = gen_dir(run_dir, k - 1) / "critiques.jsonl" if k > 0 else None
+    crit = GenDir(run_dir, k - 1).critiques if k > 0 else None
     if crit is not None and crit.is_file():
         out["training_revisions"] = [
             {"prompt": r["prompt"], "initial": r["response"], "final": r["final"],
@@ -344,13 +345,13 @@ def stage_timings(run_dir: Path, k: int) -> dict:
     A generation's own report is written before it samples, so its later stages show in the next."""
     out = {}
     for j in range(k + 1):
-        m = _maybe(gen_dir(run_dir, j) / "manifest.json") or {}
+        m = _maybe(GenDir(run_dir, j).manifest) or {}
         stages = {name: {"seconds": st.get("seconds"),
                          **{c: st.get("counts", {}).get(c) for c in ("new_tokens", "tokens_per_s")
                             if st.get("counts", {}).get(c) is not None}}
                   for name, st in m.get("stages", {}).items() if st.get("status") == "done"}
         if stages:
-            out[f"gen-{j:03d}"] = {"stages": stages, "wall_s": m.get("wall_s"),
+            out[gen_name(j)] = {"stages": stages, "wall_s": m.get("wall_s"),
                                    "monitor_fraction": m.get("monitor_fraction")}
     return out
 
@@ -628,7 +629,7 @@ def value_panels(rep: dict, alerts: list[dict] | None = None) -> list[dict]:
 
 def value_grid(panels: list[dict], min_effect: float) -> str:
     return plots.grid(panels, ylabel="P(aligned)", min_span=4 * min_effect, bounds=(0.0, 1.0),
-                      band_label=f"gen-000 ± min_effect {min_effect:g}: a shift inside cannot alert")
+                      band_label=f"{gen_name(0)} ± min_effect {min_effect:g}: a shift inside cannot alert")
 
 
 def value_scale_note(min_effect: float) -> str:
@@ -751,16 +752,16 @@ def training_section(run_dir: Path, k: int) -> list[dict]:
     gen-j/train/train_log.json."""
     out = []
     for j in range(k):
-        g = gen_dir(run_dir, j)
-        stages = (_maybe(g / "manifest.json") or {}).get("stages", {})
+        g = GenDir(run_dir, j)
+        stages = (_maybe(g.manifest) or {}).get("stages", {})
         train = stages.get("train", {}).get("counts")
         if not train:
             continue
-        entry = {"from": f"gen-{j:03d}", "to": f"gen-{j + 1:03d}", "method": train.get("method", "sft"),
+        entry = {"from": gen_name(j), "to": gen_name(j + 1), "method": train.get("method", "sft"),
                  "relative_l2": train.get("relative_l2")}
         label = stages.get("label", {}).get("counts")
-        if (g / "preferences.jsonl").is_file():
-            recs = [json.loads(line) for line in open(g / "preferences.jsonl") if line.strip()]
+        if g.preferences.is_file():
+            recs = [json.loads(line) for line in open(g.preferences) if line.strip()]
             kept = [r for r in recs if r["kept"]]
             hist = [0] * MARGIN_BINS
             for r in recs:
@@ -778,7 +779,7 @@ def training_section(run_dir: Path, k: int) -> list[dict]:
         elif entry["method"] != "sft":
             data = stages.get("data", {}).get("counts", {})
             entry["preferences"] = {"source": "revision", "pairs": data.get("records"), "kept": data.get("kept")}
-        logs = _maybe(g / "train" / "train_log.json") or []
+        logs = _maybe(g.train_log) or []
         steps = [r for r in logs if "rewards/margins" in r]
         if steps:
             entry["dpo"] = {"steps": [r.get("step") for r in steps],

@@ -9,10 +9,6 @@ from selftrain import UserError
 
 Conversation = list[dict]
 
-# A request's or batch's seed is run seed x SEED_STRIDE + its index: distinct per request, stable
-# under any completion order (a large prime keeps seeds of neighbouring runs apart).
-SEED_STRIDE = 1_000_003
-
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
 from selftrain.config.schema import SamplerConfig
-from selftrain.engines.base import SEED_STRIDE, Conversation, SamplingParams, cut_at_stop, option_first_tokens
+from selftrain.engines.base import Conversation, SamplingParams, cut_at_stop, option_first_tokens
 from selftrain.kernels.batching import pad_id, padded_after_prefix, shared_prefix
 from selftrain.kernels.kv_cache import (PaddedKV, expanded_cache, kv_bytes_per_token, plain_cache,
                                         reserved_cache)
 from selftrain.kernels.nucleus import NucleusSampling
 from selftrain.kernels.onednn import packed_linears
-from selftrain.kernels.scoring import entropy as entropy_of
-from selftrain.kernels.scoring import padded_logprobs
+from selftrain.kernels.scoring import entropy as entropy_of, padded_logprobs
+from selftrain.run import seeds
 
 
 class HFSampler:
@@ -282,7 +282,7 @@ class HFSampler:
         bar = tqdm(total=len(ids), desc=desc, unit="seq", leave=False)
         for b, idx in enumerate(self._batches([len(x) for x in ids], params.max_new_tokens)):
             new, h = self._batch([ids[i] for i in idx], n_prefix, prefix_kv, params, pad, eos_ids, ent is not None,
-                                 seed=params.seed * SEED_STRIDE + b)
+                                 seed=seeds.batch(params.seed, b))
             if ent is not None and h is None:
                 ent = None  # generate decoded this batch: no entropies for the call
             for r, (i, row) in enumerate(zip(idx, new)):

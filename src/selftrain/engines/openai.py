@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from selftrain import UserError, __version__
 from selftrain.config.schema import SamplerConfig
-from selftrain.engines.base import SEED_STRIDE, Conversation, SamplingParams, cut_at_stop
+from selftrain.engines.base import Conversation, SamplingParams, cut_at_stop
+from selftrain.run import seeds
 
 # OpenAI caps top_logprobs at 20; vLLM's default max_logprobs is 20 too.
 MAX_TOP_LOGPROBS = 20
@@ -158,7 +159,7 @@ class OpenAISampler:
         convs = list(conversations)
 
         def one(i: int) -> str:
-            resp = self._request("/chat/completions", self._body(convs[i], params, params.seed * SEED_STRIDE + i))
+            resp = self._request("/chat/completions", self._body(convs[i], params, seeds.request(params.seed, i)))
             usage = resp.get("usage") or {}
             with self._lock:
                 self.prompt_tokens += int(usage.get("prompt_tokens") or 0)

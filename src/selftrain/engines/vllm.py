@@ -8,7 +8,8 @@ from typing import Sequence
 
 from selftrain import UserError
 from selftrain.config.schema import SamplerConfig
-from selftrain.engines.base import SEED_STRIDE, SamplingParams, cut_at_stop
+from selftrain.engines.base import SamplingParams, cut_at_stop
+from selftrain.run import seeds
 
 VLLM_INSTALL = "sampler=vllm needs vllm: pip install 'selftrain[vllm]'"
 
@@ -54,7 +55,7 @@ class VLLMSampler:
         convs = [list(c) for c in conversations]
         if not convs:
             return []
-        sps = [self._params(params, params.seed * SEED_STRIDE + i) for i in range(len(convs))]
+        sps = [self._params(params, seeds.request(params.seed, i)) for i in range(len(convs))]
         try:
             outs = self.llm.chat(convs, sampling_params=sps, use_tqdm=True)
         except ValueError as e:  # e.g. a prompt longer than max_model_len

@@ -21,8 +21,7 @@ from transformers.cache_utils import DynamicCache
 
 from selftrain.kernels.batching import pad_id, padded_after_prefix, shared_prefix
 from selftrain.kernels.kv_cache import KV, PaddedKV, expanded_cache, plain_cache
-from selftrain.kernels.scoring import entropy as _entropy
-from selftrain.kernels.scoring import padded_logprobs
+from selftrain.kernels.scoring import entropy as _entropy, padded_logprobs
 from selftrain.monitor.suites import Suite
 
 Pair = tuple[list[int], list[int]]  # (prefix ids, completion ids)

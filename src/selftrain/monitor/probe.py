@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from selftrain import UserError
-from selftrain.monitor import activations as act
-from selftrain.monitor import collapse
-from selftrain.monitor import embedding
+from selftrain.monitor import activations as act, collapse, embedding
 from selftrain.monitor.behavioural import score_suite
 from selftrain.monitor.steering import steering_check
 from selftrain.monitor.suites import Suite
@@ -31,6 +29,8 @@ from selftrain.run.records import atomic_dir, read_json, write_json, write_jsonl
 from selftrain.engines.base import SamplingParams
 from selftrain.engines.hf import HFSampler
 from selftrain.kernels.onednn import packed_linears
+from selftrain.run import seeds
+from selftrain.run.layout import GenDir
 
 
 def monitor_prompts(suite: Suite, n: int) -> list[str]:
@@ -100,7 +100,7 @@ def _suite_note(suite: Suite, dim: str, inst: str, need: int | None) -> str:
 
 def check_architecture(model, reference_dir: Path) -> None:
     """Activations are only comparable between models of one architecture and width."""
-    ref = read_json(reference_dir / "monitor" / "architecture.json")
+    ref = read_json(GenDir.at(reference_dir).monitor / "architecture.json")
     cur = _architecture(model)
     if ref != cur:
         raise UserError(f"candidate architecture {cur} differs from the reference's {ref}: "
@@ -133,7 +133,7 @@ def _probe_model(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: P
     if reference is not None and monitor_cfg.activations:
         check_architecture(model, reference)
     rows, states, counts = _score_probes(model, tokenizer, suite, probes_cfg, monitor_cfg, out)
-    mon = out / "monitor"
+    mon = GenDir.at(out).monitor
     mon.mkdir(parents=True, exist_ok=True)
     if monitor_cfg.activations:
         counts.update(_activation_probes(model, tokenizer, suite, probes_cfg, monitor_cfg, out, reference,
@@ -169,7 +169,7 @@ def _score_probes(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, out: 
     families = {d.name: d.family for d in suite.dimensions.values()}
     rows = [{"family": families[r["dimension"]], **r} for r in rows]
     from datasets import Dataset
-    with atomic_dir(out / "probes") as tmp:
+    with atomic_dir(GenDir.at(out).probes) as tmp:
         Dataset.from_list(rows).save_to_disk(str(tmp))
     counts["items"] = len(rows)
     return rows, states, counts
@@ -179,10 +179,10 @@ def _activation_probes(model, tokenizer, suite: Suite, probes_cfg, monitor_cfg, 
                        rows: list[dict], states: dict) -> dict:
     """Fit the directions (at the reference, then the steering check) or project on the
     reference's frozen ones; writes monitor/activations.json. Returns counts."""
-    mon = out / "monitor"
+    mon = GenDir.at(out).monitor
     counts: dict = {}
     results, directions = {}, {}
-    ref_dirs = act.load_directions(reference / "monitor" / "directions") if reference is not None else None
+    ref_dirs = act.load_directions(GenDir.at(reference).directions) if reference is not None else None
     dim_of = np.array(states["dimension"])
     ids = np.array(states["item_id"])
     for d in dict.fromkeys(states["dimension"]):
@@ -232,12 +232,12 @@ def _embedding_drift(samples: list[str], prompts: list[str], monitor_cfg, mon: P
         write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": embedding.median_bandwidth(emb),
                                             "n": len(emb), "prompts": prompts})
         return emb
-    ref_meta = read_json(reference / "monitor" / "embedding.json")
+    ref_meta = read_json(GenDir.at(reference).monitor / "embedding.json")
     if ref_meta.get("prompts") != prompts:
         raise UserError(f"{reference / 'monitor' / 'embedding.json'}: the reference sampled other prompts; "
                         "embedding drift pairs replies to the same prompts (keep monitor.embedding_prompts "
                         "and the probe suite as they were at the reference)")
-    ref_emb = np.load(reference / "monitor" / "embeddings.npy")
+    ref_emb = np.load(GenDir.at(reference).monitor / "embeddings.npy")
     test = embedding.paired_mmd_test(ref_emb, emb, ref_meta["bandwidth"], n_perm=monitor_cfg.permutations,
                                      seed=seed)
     write_json(mon / "embedding.json", {"encoder": enc.describe(), "bandwidth": ref_meta["bandwidth"],
@@ -268,12 +268,12 @@ def mark_causal(model, tokenizer, suite: Suite, monitor_cfg, batch_size: int, fo
     marked causal or not_causal in `monitor/directions` and `monitor/activations.json`, and the
     curves go to `monitor/steering.json`. `model` must be the reference itself. The unsteered
     scores are the reference's own probe scores (read from `folder/probes` when not given)."""
-    mon = Path(folder) / "monitor"
+    mon = GenDir.at(folder).monitor
     t = time.perf_counter()
     directions = act.load_directions(mon / "directions")
     if base_scores is None:
         from datasets import load_from_disk
-        base_scores = {r["item_id"]: r["score"] for r in load_from_disk(str(Path(folder) / "probes"))
+        base_scores = {r["item_id"]: r["score"] for r in load_from_disk(str(GenDir.at(folder).probes))
                        if r["kind"] == "contrast"}
     with packed_linears(model, PROBE_ROWS):  # inside the probe stage's own packing this packs nothing again
         curves = steering_check(model, tokenizer, suite, directions, list(monitor_cfg.steer_alphas), base_scores,
@@ -317,7 +317,7 @@ def monitor_checkpoints(cfg, out: Path) -> dict:
                                   cfg.model.device)
         write_json(folder / "checkpoint.json", {"label": labels[i], "path": path})
         probe_model(model, tok, suite, cfg.probes, cfg.monitor, folder, reference=None if i == 0 else folders[0],
-                    seed=cfg.seed + i, batch_size=cfg.batch_size)
+                    seed=seeds.checkpoint(cfg.seed, i), batch_size=cfg.batch_size)
         del model
         gc.collect()
     report = build_report(list(zip(labels, folders)), monitor_settings(cfg.monitor), alert_on=labels[1:],

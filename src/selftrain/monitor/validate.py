@@ -40,6 +40,8 @@ from selftrain import UserError
 from selftrain.analysis import plots
 from selftrain.analysis.render import page
 from selftrain.paths import resolve
+from selftrain.run import seeds
+from selftrain.run.layout import GenDir
 from selftrain.run.records import read_json, read_user_jsonl, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -168,11 +170,11 @@ def _constitutional(child: Child, base: str, work: Path, cfg) -> Path:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"the constitutional child's loop run failed:\n{proc.stderr[-2000:]}")
-    model = run_dir / "gen-001" / "model"
-    shutil.move(str(model), work / "model")
+    gen0 = GenDir(run_dir, 0)
+    shutil.move(str(gen0.child_model), work / "model")
     # its stage timings: what one generation of the loop costs beside the monitor that probes it
-    (work / "loop_manifest.json").write_bytes((run_dir / "gen-000" / "manifest.json").read_bytes())
-    shutil.rmtree(run_dir / "gen-000" / ".chunks", ignore_errors=True)
+    (work / "loop_manifest.json").write_bytes(gen0.manifest.read_bytes())
+    shutil.rmtree(gen0.chunks, ignore_errors=True)
     return work / "model"
 
 
@@ -196,7 +198,7 @@ class Screener:
             self.tok = models.load_tokenizer(self.base, self.cfg.model.trust_remote_code)
             self.model = models.load_model(self.base, self.cfg.model.dtype, self.cfg.model.trust_remote_code,
                                            self.cfg.model.allow_pickle, self.cfg.model.device)
-            self.directions = load_directions(self.ref / "monitor" / "directions")
+            self.directions = load_directions(GenDir.at(self.ref).directions)
 
     def own_answers(self, prompts: list[str]) -> dict[str, str]:
         from selftrain.run.records import read_jsonl, write_jsonl
@@ -284,7 +286,7 @@ def run(cfg, out: Path) -> dict:
         timings["reference_probe_s"] = round(_probe(Path(base), ref, None, suite, cfg, cfg.seed), 1)
         write_json(ref / "done.json", {"probe_s": timings["reference_probe_s"]})
         write_json(out / "timings.json", timings)
-    elif cfg.monitor.activations and cfg.monitor.steer and not (ref / "monitor" / "steering.json").is_file():
+    elif cfg.monitor.activations and cfg.monitor.steer and not (GenDir.at(ref).monitor / "steering.json").is_file():
         # a reference probed before the steering check existed: mark its directions now
         from selftrain.monitor.probe import mark_causal
         tok = models.load_tokenizer(base, cfg.model.trust_remote_code)
@@ -317,12 +319,12 @@ def run(cfg, out: Path) -> dict:
         if k.kind == "constitutional":
             path = _constitutional(k, base, work, cfg)
             if screener:  # before its model is probed; its data is the loop's own gen-000 data
-                screener.loop_generation(work / "loop" / "gen-000", folder)
+                screener.loop_generation(GenDir(work / "loop", 0).path, folder)
                 screener.release()
         else:
             path = _train(k, child_rows(k, plants, cfg.rows), base, work, cfg)
         train_s = time.perf_counter() - t
-        probe_s = _probe(path, folder, ref, suite, cfg, cfg.seed + 1 + i)
+        probe_s = _probe(path, folder, ref, suite, cfg, seeds.child(cfg.seed, i))
         if (work / "loop_manifest.json").is_file():
             shutil.copy(work / "loop_manifest.json", folder / "loop_manifest.json")
         write_json(folder / "done.json", {"child": k.__dict__, "train_s": train_s, "probe_s": probe_s})

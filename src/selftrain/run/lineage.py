@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selftrain import UserError
-from selftrain.run.records import MANIFEST, read_json, sha256_tree
+from selftrain.run.layout import MANIFEST, GenDir, gen_name
+from selftrain.run.records import read_json, sha256_tree
 
 
 @dataclass
@@ -84,12 +85,13 @@ def trace(run_dir: Path) -> Lineage:
 
     k = 0
     prev_model_hash: str | None = None
-    while (run_dir / f"gen-{k:03d}" / MANIFEST).is_file():
-        name = f"gen-{k:03d}"
-        g = _read_manifest(run_dir / name / MANIFEST)
+    while GenDir(run_dir, k).manifest.is_file():
+        gen = GenDir(run_dir, k)
+        name, parent = gen.name, gen_name(k - 1)
+        g = _read_manifest(gen.manifest)
         model = g.get("model", "?")
         # generation k >= 1 lives in the run folder (which may have been moved or copied since)
-        model_path = run_dir / name / "model" if k > 0 else Path(model)
+        model_path = gen.model if k > 0 else Path(model)
         recorded = g.get("model_sha256")
         if recorded is None:
             state = "not hashed (hub id)" if not model_path.exists() else "not hashed"
@@ -99,11 +101,11 @@ def trace(run_dir: Path) -> Lineage:
         if k > 0:
             parent_hash = g.get("parent_model_sha256")
             if parent_hash is not None:
-                st = lin.check(f"{name} parent model hash vs gen-{k - 1:03d} model_sha256", prev_model_hash,
+                st = lin.check(f"{name} parent model hash vs {parent} model_sha256", prev_model_hash,
                                parent_hash) if prev_model_hash is not None else "unchecked"
-                line += f"  parent gen-{k - 1:03d} {_short(parent_hash)} {st}"
+                line += f"  parent {parent} {_short(parent_hash)} {st}"
             else:
-                line += f"  parent gen-{k - 1:03d}"
+                line += f"  parent {parent}"
         if g.get("config_sha256") is not None:
             line += "  config " + lin.check(f"{name} config hash vs the run's", cfg_hash, g["config_sha256"])
         for key, label in (("constitution", "constitution"), ("probe_suite", "probe suite")):

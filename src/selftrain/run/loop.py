@@ -1,8 +1,10 @@
-"""The self-training loop: generation k -> probe, report, sample, critique, data, screen, guard, train -> k+1.
+"""The self-training loop: generation k -> probe, report, sample, critique, data, label, screen, guard, train -> k+1.
 
-Each stage writes under runs/<run>/gen-<k>/ and is marked done in gen-<k>/manifest.json only
-after its outputs are complete, so re-running the same command on the same folder skips
-finished stages (and, inside sample and critique, committed chunks: selftrain.run.resume).
+Each stage writes under runs/<run>/gen-<k>/ (selftrain.run.layout) and is marked done in
+gen-<k>/manifest.json only after its outputs are complete, so re-running the same command on the
+same folder skips finished stages (and, inside sample and critique, committed chunks:
+selftrain.run.resume). The stages follow one contract (selftrain.stages): `run_<stage>(gen, cfg, ...)`
+does its own I/O and returns its counts; this module says which run, in what order, and records them.
 Every finished stage records the sha256 of each output it wrote; a resume checks them before
 using them, and a generation's model loads only once its producing train stage is done.
 Generation 0 is the base model; `generations=G` trains G times and probes
@@ -17,36 +19,35 @@ import gc
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import OmegaConf
 
 from selftrain import UserError, models
-
-from selftrain.run import trackers
-from selftrain.constitution import Constitution
-from selftrain.stages.critique import critique_stage
 from selftrain.analysis.dashboard import write_dashboard
-from selftrain.stages.data import build_datasets
-from selftrain.run.lineage import config_sha256
-from selftrain.run.lock import RunLock
-from selftrain.monitor.probe import check_power, probe_model
-from selftrain.stages import guard
-from selftrain.monitor.suites import load_suite
-from selftrain.prompts import load_prompts, prompts_hash
-from selftrain.run.records import (MANIFEST, Manifest, config_diff, gen_dir, now, package_versions, read_json, read_jsonl,
-                      read_manifest, sha256_tree, write_jsonl)
 from selftrain.analysis.drift_report import generation_report
-from selftrain.stages.screen import screen_generation
-from selftrain.monitor.activations import load_directions
-from selftrain.preferences import load_user_preferences
-from selftrain.run.resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target, graceful_interrupts,
-                     parse_force, start_over, verify_outputs)
-from selftrain.engines.base import SamplingParams, option_first_tokens
-from selftrain.stages.sample import sample_stage
 from selftrain.config.checks import validate
 from selftrain.config.schema import monitor_settings
-from selftrain.engines.factory import check_engine, close_sampler, hf_sampler, make_labeller, make_sampler, preflight
+from selftrain.constitution import Constitution
+from selftrain.engines.factory import check_engine, close_sampler, make_labeller, make_sampler, preflight
+from selftrain.engines.base import option_first_tokens
+from selftrain.stages.sample import sample_stage
+from selftrain.monitor.activations import load_directions
+from selftrain.monitor.probe import check_power, probe_model
+from selftrain.monitor.suites import load_suite
+from selftrain.preferences import load_user_preferences
+from selftrain.prompts import load_prompts, prompts_hash
+from selftrain.run import seeds, trackers
+from selftrain.run.layout import GenDir, RunDir
+from selftrain.run.lineage import config_sha256
+from selftrain.run.lock import RunLock
+from selftrain.run.records import (Manifest, config_diff, now, package_versions, read_json, read_jsonl,
+                                   read_manifest, sha256_tree, write_jsonl)
+from selftrain.run.resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target,
+                                  graceful_interrupts, parse_force, start_over, verify_outputs)
+from selftrain.stages import critique, data, guard, label, labels, revisions_used, sampling, screen
 from selftrain.stages.train import dpo_config, sft_config, train_generation, uses_dpo
 from selftrain.stages.train_worker import launch
 
@@ -59,15 +60,20 @@ RUN_CONTROL = ("resume", "force_stage", "report_to")
 
 
 class Generation:
-    """One generation's folder, manifest and (lazily loaded) model."""
+    """One generation's folder (`layout`, a GenDir), manifest and (lazily loaded) model."""
 
     def __init__(self, run_dir: Path, k: int, model_path: str, parent: str | None, cfg, on_stage=None):
-        self.k, self.dir, self.model_path, self.cfg = k, gen_dir(run_dir, k), model_path, cfg
-        self.manifest = Manifest(self.dir / MANIFEST, {"generation": k, "model": model_path, "parent": parent},
+        self.layout = GenDir(run_dir, k)
+        self.k, self.dir, self.model_path, self.cfg = k, self.layout.path, model_path, cfg
+        self.manifest = Manifest(self.layout.manifest, {"generation": k, "model": model_path, "parent": parent},
                                  root=run_dir)
         self._model = self._tok = None
         self.current: str | None = None  # the stage running now, for the interrupt message
         self.on_stage = on_stage  # told "gen-k/stage" before each stage that runs
+
+    @property
+    def model_sha256(self) -> str | None:
+        return self.manifest.data.get("model_sha256")
 
     def model(self):
         if self._model is None:
@@ -89,6 +95,12 @@ class Generation:
         if self.on_stage is not None:
             self.on_stage(self.current)
         return True
+
+    def run(self, stage: str, work: Callable[[], dict], outputs=(), optional=()) -> None:
+        """Run `stage` (work() returns its counts) inside its manifest entry, if it is not done yet."""
+        if self.todo(stage):
+            with self.manifest.stage(stage, outputs=outputs, optional=optional) as counts:
+                counts.update(work())
 
 
 class LazySampler:
@@ -121,10 +133,17 @@ class LazySampler:
         return take() if take is not None else {}
 
 
-def _params(cfg, max_new_tokens: int, seed: int) -> SamplingParams:
-    s = cfg.sampler
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                          repetition_penalty=s.repetition_penalty, seed=seed)
+@dataclass
+class Inputs:
+    """What every generation reads besides its own folder, and where its metrics go.
+    `track(gen, what)` logs its drift metrics ("drift") or stage timings ("timings") to the
+    experiment tracker; `tracker` is where TRL's training logs go."""
+    constitution: Constitution
+    prompts: list
+    suite: object  # the selected probe suite
+    probe_texts: list[str]  # every text of the full suite: the guard keeps them out of training
+    track: Callable
+    tracker: dict | None
 
 
 def _sampler(cfg, gen: Generation):
@@ -169,56 +188,35 @@ def _dashboard(run_dir: Path) -> None:
         log.warning("%s: the run dashboard (index.html) was not rebuilt", run_dir, exc_info=True)
 
 
+# --------------------------------------------------------------------------- a run
+
+
 def _run(cfg, run_dir: Path, lock: RunLock, group: str) -> dict:
+    """run() under the folder's lock: check everything that can be checked read-only, then set the
+    folder up (start over, force a stage, or resume), record the run's inputs and run the generations."""
     import datasets
 
     datasets.disable_progress_bars()  # one bar per stage is ours; datasets' save/map bars are noise
-    check_engine(cfg.sampler)  # vllm installed, GPUs for tensor parallel: before any file is read
-    if uses_dpo(cfg.train.method) and cfg.preferences.source == "dataset":
-        load_user_preferences(cfg.preferences.path)  # a missing field fails here, before any model loads
-    constitution = Constitution.load(cfg.constitution.path, cfg.constitution.context)
-    prompts = load_prompts(cfg.prompts, cfg.seed)
-    full_suite = load_suite(cfg.probes.suite)
-    suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
-    check_power(suite, cfg.monitor, full_suite)  # a monitor that can never alert is refused before any model loads
-    base = models.resolve(cfg.model.name_or_path)
-    preflight(cfg.sampler, base)  # the server answers and serves gen-0, before any model loads
-    sft_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)  # TRL's own checks, before any model loads
-    if uses_dpo(cfg.train.method):
-        dpo_config(cfg.train, run_dir / "gen-000" / "train", cfg.seed)
-        if _labels(cfg) and cfg.preferences.labeller_base_url:  # the server answers and serves the labeller
-            close_sampler(make_labeller(cfg.preferences, cfg.sampler, base))
-        elif _labels(cfg) and cfg.preferences.source == "ai_feedback":  # its tokenizer must tell options apart
-            labeller = models.resolve(cfg.preferences.labeller) if cfg.preferences.labeller else base
-            option_first_tokens(models.load_tokenizer(labeller, cfg.model.trust_remote_code),
-                                list(cfg.preferences.options))
-
+    constitution, prompts, full_suite, suite, base = _preflight(cfg, run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     # Everything up to start_over / apply_force only reads: a refused run changes nothing.
     target = None
-    existed = (run_dir / MANIFEST).exists()
+    existed = RunDir(run_dir).manifest.exists()
     if cfg.resume:
         if existed:
-            _check_resume(run_dir / MANIFEST, read_manifest(run_dir / MANIFEST), config)
+            _check_resume(RunDir(run_dir).manifest, read_manifest(RunDir(run_dir).manifest), config)
         target = force_target(run_dir, parse_force(cfg.force_stage, cfg.generations))
         verify_outputs(run_dir, skip=target)
         _check_committed_chunks(cfg, run_dir, prompts, target)
     models.check_weights_format(base, cfg.model.allow_pickle)
     tokenizer = models.load_tokenizer(base, cfg.model.trust_remote_code)
-    models.check_no_control_tokens(
-        tokenizer,
-        [(f"prompt '{p.id}' ({p.source})", p.text) for p in prompts]
-        + [(f"{constitution.path}: principle '{c.id}'", c.critique + c.revision) for c in constitution.principles]
-        + [(f"{constitution.path}: few-shot transcript {i}", " ".join(m["content"] for m in ex.messages()))
-           for i, ex in enumerate(constitution.exemplars)]
-        + [(f"probe item '{it.id}'", it.prompt + it.aligned + it.misaligned + "".join(it.options))
-           for it in suite.items])
+    _check_texts(tokenizer, constitution, prompts, suite)
     if not cfg.resume:
         start_over(run_dir)
         target = force_target(run_dir, parse_force(cfg.force_stage, cfg.generations))
     if target is not None:
         apply_force(run_dir, target)
-    manifest = Manifest(run_dir / MANIFEST)
+    manifest = Manifest(RunDir(run_dir).manifest)
     attempt = {"started": now(), **{k: lock.record[k] for k in ("host", "pid", "slurm_job") if k in lock.record},
                "mode": ("restart" if not cfg.resume and existed else "force" if target is not None
                         else "resume" if existed else "new"), "from": None}
@@ -257,20 +255,63 @@ def _run(cfg, run_dir: Path, lock: RunLock, group: str) -> dict:
                      "items": len(suite.items), "dimensions": list(suite.dimensions)},
         seeds={"seed": cfg.seed}, versions=package_versions(), base_model=base,
         **({"tracker": tracker} if tracker else {}))
+    inputs = Inputs(constitution, prompts, suite, full_suite.texts(), track, tracker)
+    return _generations(cfg, run_dir, manifest, base, inputs, on_stage)
+
+
+def _preflight(cfg, run_dir: Path):
+    """Read the run's inputs and refuse, before any model loads, what would fail later.
+    Returns (constitution, prompts, full probe suite, selected suite, base model)."""
+    check_engine(cfg.sampler)  # vllm installed, GPUs for tensor parallel: before any file is read
+    if uses_dpo(cfg.train.method) and cfg.preferences.source == "dataset":
+        load_user_preferences(cfg.preferences.path)  # a missing field fails here, before any model loads
+    constitution = Constitution.load(cfg.constitution.path, cfg.constitution.context)
+    prompts = load_prompts(cfg.prompts, cfg.seed)
+    full_suite = load_suite(cfg.probes.suite)
+    suite = full_suite.select(cfg.probes.dimensions, cfg.probes.max_items_per_dimension)
+    check_power(suite, cfg.monitor, full_suite)  # a monitor that can never alert is refused before any model loads
+    base = models.resolve(cfg.model.name_or_path)
+    preflight(cfg.sampler, base)  # the server answers and serves gen-0, before any model loads
+    work = GenDir(run_dir, 0).train
+    sft_config(cfg.train, work, cfg.seed)  # TRL's own checks, before any model loads
+    if uses_dpo(cfg.train.method):
+        dpo_config(cfg.train, work, cfg.seed)
+        if labels(cfg) and cfg.preferences.labeller_base_url:  # the server answers and serves the labeller
+            close_sampler(make_labeller(cfg.preferences, cfg.sampler, base))
+        elif labels(cfg) and cfg.preferences.source == "ai_feedback":  # its tokenizer must tell options apart
+            labeller = models.resolve(cfg.preferences.labeller) if cfg.preferences.labeller else base
+            option_first_tokens(models.load_tokenizer(labeller, cfg.model.trust_remote_code),
+                                list(cfg.preferences.options))
+    return constitution, prompts, full_suite, suite, base
+
+
+def _check_texts(tokenizer, constitution: Constitution, prompts, suite) -> None:
+    """No text the model will read may hold the tokenizer's control tokens."""
+    models.check_no_control_tokens(
+        tokenizer,
+        [(f"prompt '{p.id}' ({p.source})", p.text) for p in prompts]
+        + [(f"{constitution.path}: principle '{c.id}'", c.critique + c.revision) for c in constitution.principles]
+        + [(f"{constitution.path}: few-shot transcript {i}", " ".join(m["content"] for m in ex.messages()))
+           for i, ex in enumerate(constitution.exemplars)]
+        + [(f"probe item '{it.id}'", it.prompt + it.aligned + it.misaligned + "".join(it.options))
+           for it in suite.items])
+
+
+def _generations(cfg, run_dir: Path, manifest: Manifest, base: str, inputs: Inputs, on_stage) -> dict:
+    """Run gen-000..gen-G in turn, recording in the run manifest how the run ended."""
     try:
         with graceful_interrupts():
             for k in range(cfg.generations + 1):
-                model_path = base if k == 0 else str(gen_dir(run_dir, k) / "model")
-                parent = None if k == 0 else (base if k == 1 else str(gen_dir(run_dir, k - 1) / "model"))
+                gen_k = GenDir(run_dir, k)
+                model_path = base if k == 0 else str(gen_k.model)
+                parent = None if k == 0 else (base if k == 1 else str(gen_k.parent().model))
                 if k > 0:
                     _require_trained(run_dir, k)
                 gate = _generation(cfg, run_dir, Generation(run_dir, k, model_path, parent, cfg, on_stage),
-                                   constitution, prompts, suite, full_suite.texts(), last=(k == cfg.generations),
-                                   track=track, tracker=tracker)
+                                   inputs, last=(k == cfg.generations))
                 manifest.update(generations_done=k + 1)
                 if gate:
-                    manifest.update(status="gated", gate=gate, finished=now(),
-                                    final_report=str(gen_dir(run_dir, k) / "drift" / "report.md"))
+                    manifest.update(status="gated", gate=gate, finished=now(), final_report=str(gen_k.report_md))
                     _dashboard(run_dir)
                     return manifest.data
     except BaseException as e:
@@ -278,17 +319,16 @@ def _run(cfg, run_dir: Path, lock: RunLock, group: str) -> dict:
                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         _dashboard(run_dir)
         raise
-    manifest.update(status="done", finished=now(),
-                    final_report=str(gen_dir(run_dir, cfg.generations) / "drift" / "report.md"))
+    manifest.update(status="done", finished=now(), final_report=str(GenDir(run_dir, cfg.generations).report_md))
     _dashboard(run_dir)
     return manifest.data
 
 
 def _require_trained(run_dir: Path, k: int) -> None:
     """gen-k/model loads only if gen-(k-1)'s train stage, which writes it, is recorded done."""
-    prev = read_manifest(gen_dir(run_dir, k - 1) / MANIFEST)
-    if prev.get("stages", {}).get("train", {}).get("status") != "done":
-        raise UserError(f"{gen_dir(run_dir, k) / 'model'}: gen-{k - 1:03d}/train, which writes it, is not "
+    prev = GenDir(run_dir, k - 1)
+    if read_manifest(prev.manifest).get("stages", {}).get("train", {}).get("status") != "done":
+        raise UserError(f"{prev.child_model}: {prev.name}/train, which writes it, is not "
                         "recorded done; a checkpoint it did not finish is never loaded")
 
 
@@ -298,15 +338,16 @@ def _lineage(run_dir: Path, k: int, model_path: str) -> dict:
     if k == 0:
         digest = sha256_tree(Path(model_path)) if Path(model_path).exists() else None
         return {"model_sha256": digest, "parent_model_sha256": None, "data_sha256": None, "data": None}
-    prev = read_manifest(gen_dir(run_dir, k - 1) / MANIFEST)
-    stages = prev.get("stages", {})
-    rel_model, rel_data = f"gen-{k:03d}/model", f"gen-{k - 1:03d}/data/sft"
+    prev = GenDir(run_dir, k - 1)
+    man = read_manifest(prev.manifest)
+    stages = man.get("stages", {})
+    rel_model, rel_data = prev.rel(prev.child_model), prev.rel(prev.sft)
     digest = stages.get("train", {}).get("outputs", {}).get(rel_model) or sha256_tree(Path(model_path))
     data_sha = stages.get("data", {}).get("outputs", {}).get(rel_data)
-    screened = run_dir / f"gen-{k - 1:03d}" / "screen" / "data" / "sft"
+    screened = prev.screen_data / prev.sft.name
     if screened.is_dir():  # monitor.screen=drop: training read the screen's filtered copy
-        rel_data, data_sha = f"gen-{k - 1:03d}/screen/data/sft", sha256_tree(screened)
-    return {"model_sha256": digest, "parent_model_sha256": prev.get("model_sha256"),
+        rel_data, data_sha = prev.rel(screened), sha256_tree(screened)
+    return {"model_sha256": digest, "parent_model_sha256": man.get("model_sha256"),
             "data_sha256": data_sha, "data": rel_data}
 
 
@@ -314,165 +355,176 @@ def _check_committed_chunks(cfg, run_dir: Path, prompts, target) -> None:
     """Read back every committed chunk a resume will use, before anything is written."""
     ids = [p.id for p in prompts]
     for k in range(cfg.generations):
-        g = gen_dir(run_dir, k)
-        if not (g / MANIFEST).is_file() or (target is not None and k > target[0]):
+        g = GenDir(run_dir, k)
+        if not g.manifest.is_file() or (target is not None and k > target[0]):
             continue
-        stages = read_manifest(g / MANIFEST).get("stages", {})
+        stages = read_manifest(g.manifest).get("stages", {})
         skip = set() if target is None or k < target[0] else {"sample", "critique"} if target[1] in (
             "probe", "report", "sample") else {"critique"} if target[1] == "critique" else set()
         if stages.get("sample", {}).get("status") != "done" and "sample" not in skip:
-            check_chunks(g / ".chunks" / "sample", ids, cfg.sampler.chunk_size)
+            check_chunks(g.chunk_dir("sample"), ids, cfg.sampler.chunk_size)
         elif (stages.get("critique", {}).get("status") != "done" and "critique" not in skip
-              and (g / "samples.jsonl").is_file()):
-            sample_ids = [r.get("prompt_id") for r in read_jsonl(g / "samples.jsonl")]
-            check_chunks(g / ".chunks" / "critique", sample_ids, cfg.sampler.chunk_size)
+              and g.samples.is_file()):
+            sample_ids = [r.get("prompt_id") for r in read_jsonl(g.samples)]
+            check_chunks(g.chunk_dir("critique"), sample_ids, cfg.sampler.chunk_size)
 
 
-def _generation(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_texts: list[str],
-                last: bool, track, tracker: dict | None) -> dict | None:
-    """Run generation k's stages; return the gate's record if the monitor stopped the loop.
-    `track(gen, what)` logs its drift metrics ("drift") or stage timings ("timings") to the
-    experiment tracker; `tracker` is where TRL's training logs go."""
+# --------------------------------------------------------------------------- a generation
+
+
+def _generation(cfg, run_dir: Path, gen: Generation, inputs: Inputs, last: bool) -> dict | None:
+    """Run generation k's stages; return the gate's record if the monitor stopped the loop."""
     try:
-        return _stages(cfg, run_dir, gen, constitution, prompts, suite, probe_texts, last, track, tracker)
+        _record_inputs(run_dir, gen, inputs)
+        t0 = time.perf_counter()
+        gate = _monitor(cfg, run_dir, gen, inputs, last)
+        if gate is None and not last:
+            gate = _make_data(cfg, run_dir, gen, inputs) or _train(cfg, gen, inputs)
+        if gate is not None:
+            return gate
+        _finish(gen, inputs, t0)
+        return None
     except Interrupted as e:
         e.where = gen.current
         raise
 
 
-def _stages(cfg, run_dir, gen: Generation, constitution, prompts, suite, probe_texts: list[str],
-            last: bool, track, tracker: dict | None) -> dict | None:
-    m, k = gen.manifest, gen.k
+def _record_inputs(run_dir: Path, gen: Generation, inputs: Inputs) -> None:
+    """The hashes of what generation k runs under, for selftrain-lineage (once per generation)."""
+    m = gen.manifest
     if "model_sha256" not in m.data:
-        m.update(**_lineage(run_dir, k, gen.model_path))
-    if "config_sha256" not in m.data:  # the inputs this generation ran under, for selftrain-lineage
-        run_m = read_manifest(run_dir / MANIFEST)
-        m.update(config_sha256=config_sha256(run_m["config"]), constitution_sha256=constitution.sha256,
-                 probe_suite_sha256=suite.sha256)
-    t0 = time.perf_counter()
+        m.update(**_lineage(run_dir, gen.k, gen.model_path))
+    if "config_sha256" not in m.data:
+        run_m = read_manifest(RunDir(run_dir).manifest)
+        m.update(config_sha256=config_sha256(run_m["config"]), constitution_sha256=inputs.constitution.sha256,
+                 probe_suite_sha256=inputs.suite.sha256)
 
-    if gen.todo("probe"):
-        with m.stage("probe", outputs=[gen.dir / "probes"], optional=[gen.dir / "monitor"]) as counts:
-            model, tok = gen.model()
-            counts.update(probe_model(model, tok, suite, cfg.probes, cfg.monitor, gen.dir,
-                                      reference=None if k == 0 else gen_dir(run_dir, 0),
-                                      seed=cfg.seed * 100 + k, batch_size=cfg.sampler.batch_size))
-            counts["dimensions"] = len(suite.dimensions)
+
+def _monitor(cfg, run_dir: Path, gen: Generation, inputs: Inputs, last: bool) -> dict | None:
+    """Probe model k and write its drift report, before anything trains on its data; under
+    monitor.gate, a cumulative alert stops the loop here (returns the gate)."""
+    g, k = gen.layout, gen.k
+
+    def probe() -> dict:
+        model, tok = gen.model()
+        counts = probe_model(model, tok, inputs.suite, cfg.probes, cfg.monitor, g.path,
+                             reference=None if k == 0 else g.first.path,
+                             seed=seeds.probe(cfg.seed, k), batch_size=cfg.sampler.batch_size)
+        return {**counts, "dimensions": len(inputs.suite.dimensions)}
+
+    def report() -> dict:
+        rep = generation_report(run_dir, k, monitor_settings(cfg.monitor))
+        return {"alerts": sum(a["level"] == "alert" for a in rep["alerts"]),
+                "watches": sum(a["level"] == "watch" for a in rep["alerts"])}
+
+    gen.run("probe", probe, outputs=[g.probes], optional=[g.monitor])
     if gen.todo("report"):
-        with m.stage("report", outputs=[gen.dir / "drift"]) as counts:
-            rep = generation_report(run_dir, k, monitor_settings(cfg.monitor))
-            counts.update(alerts=sum(a["level"] == "alert" for a in rep["alerts"]),
-                          watches=sum(a["level"] == "watch" for a in rep["alerts"]))
+        with gen.manifest.stage("report", outputs=[g.drift]) as counts:
+            counts.update(report())
         _dashboard(run_dir)
-    track(gen, "drift")  # before anything trains on this generation's data
+    inputs.track(gen, "drift")  # before anything trains on this generation's data
     if cfg.monitor.gate and not last and k > 0:
-        rep = read_json(gen.dir / "drift" / "report.json")
-        fired = [a for a in rep["alerts"] if a["level"] == "alert" and a["comparison"] == "cumulative"]
+        fired = [a for a in read_json(g.report_json)["alerts"]
+                 if a["level"] == "alert" and a["comparison"] == "cumulative"]
         if fired:
-            gate = {"stopped_before": f"gen-{k + 1:03d}", "at": f"gen-{k:03d}",
-                    "reason": "cumulative alert: " + ", ".join(f"{a['dimension']} ({a['instrument']})"
-                                                               for a in fired)}
             gen.release()
-            m.update(status="gated", gate=gate)
-            track(gen, "timings")
-            log.warning("monitor gate: %s; stopping before %s", gate["reason"], gate["stopped_before"])
-            return gate
+            reason = "cumulative alert: " + ", ".join(f"{a['dimension']} ({a['instrument']})" for a in fired)
+            return _stop(gen, inputs, reason, "monitor gate: %s; stopping before %s")
+    return None
 
-    if not last:
-        directions = _screen_directions(cfg, run_dir)  # the frozen gen-000 directions the screen reads
-        sampler = LazySampler(lambda: _sampler(cfg, gen))
-        chunks = gen.dir / ".chunks"
-        if gen.todo("sample"):
-            with m.stage("sample", outputs=[gen.dir / "samples.jsonl"]) as counts:
-                recs = sample_stage(sampler, prompts, _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k),
-                                    chunks / "sample", cfg.sampler.chunk_size, counts)
-                write_jsonl(gen.dir / "samples.jsonl", recs)
-                counts.update(prompts=len(recs), sampler=sampler.describe(), **sampler.take_stats())
-        shutil.rmtree(chunks / "sample", ignore_errors=True)  # folded into samples.jsonl
-        if _revisions_used(cfg) and gen.todo("critique"):
-            with m.stage("critique", outputs=[gen.dir / "critiques.jsonl"]) as counts:
-                recs = critique_stage(
-                    sampler, constitution, read_jsonl(gen.dir / "samples.jsonl"), cfg.critique.rounds,
-                    cfg.constitution.fewshot,
-                    _params(cfg, cfg.critique.critique_max_new_tokens, cfg.seed * 100 + k + 1),
-                    _params(cfg, cfg.critique.revision_max_new_tokens, cfg.seed * 100 + k + 2), seed=cfg.seed + k,
-                    chunk_dir=chunks / "critique", chunk_size=cfg.sampler.chunk_size, counts=counts)
-                write_jsonl(gen.dir / "critiques.jsonl", recs)
-                usage: dict[str, int] = {}
-                for r in recs:
-                    for rd in r["rounds"]:
-                        usage[rd["principle"]] = usage.get(rd["principle"], 0) + 1
-                counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage,
-                              sampler=sampler.describe(), **sampler.take_stats())
-        shutil.rmtree(chunks, ignore_errors=True)
-        close_sampler(sampler)
-        if directions is None or m.stage_done("screen"):  # else the screen reads model k's states: keep it loaded
-            gen.release()
-        if _revisions_used(cfg) and gen.todo("data"):
-            # with a label stage, data/preference is that stage's output (it replaces the revision pairs)
-            data_out = [gen.dir / "data" / "sft"] + ([] if _labels(cfg) else [gen.dir / "data" / "preference"])
-            with m.stage("data", outputs=data_out) as counts:
-                counts.update(build_datasets(read_jsonl(gen.dir / "critiques.jsonl"), gen.dir / "data",
-                                             cfg.data.min_words, cfg.data.max_top_trigram_share))
-                if counts["kept"] == 0:
-                    raise UserError(f"generation {k}: every revision was dropped ({counts}); "
-                                    "raise critique.revision_max_new_tokens or check the model")
-        if _labels(cfg) and gen.todo("label"):
-            # the labelled pairs replace the data stage's revision pairs in data/preference
-            with m.stage("label", outputs=[gen.dir / "data" / "preference"],
-                         optional=[gen.dir / "preferences.jsonl"]) as counts:
-                counts.update(_label(cfg, gen, constitution))
-        if directions is not None and gen.todo("screen"):
-            with m.stage("screen", outputs=[gen.dir / "screen"]) as counts:
-                model, tok = gen.model()
-                mc = cfg.monitor
-                summary = screen_generation(model, tok, gen.dir, cfg.train.method, directions, mc.screen, mc.alpha,
-                                            mc.screen_threshold, mc.screen_row_threshold, cfg.probes.batch_size)
-                counts.update({k_: summary[k_] for k_ in ("rows", "rows_flagged", "rows_dropped", "flagged")})
-                if summary["rows_dropped"] and summary["rows_dropped"] == summary["rows"]:
-                    raise UserError(f"generation {k}: monitor.screen=drop removed every training row "
-                                    f"(monitor.screen_row_threshold={mc.screen_row_threshold})")
+
+def _stop(gen: Generation, inputs: Inputs, reason: str, message: str) -> dict:
+    """Record a gate in generation k's manifest; the loop stops before generation k+1."""
+    g = gen.layout
+    gate = {"stopped_before": g.child().name, "at": g.name, "reason": reason}
+    gen.manifest.update(status="gated", gate=gate)
+    inputs.track(gen, "timings")
+    log.warning(message, gate["reason"], gate["stopped_before"])
+    return gate
+
+
+def _make_data(cfg, run_dir: Path, gen: Generation, inputs: Inputs) -> dict | None:
+    """sample, critique, data, label, screen: generation k's training data. Returns the screen's
+    gate (monitor.screen=gate) if it stops the loop."""
+    g = gen.layout
+    directions = _screen_directions(cfg, run_dir)  # the frozen gen-000 directions the screen reads
+    sampler = LazySampler(lambda: _sampler(cfg, gen))
+    gen.run("sample", lambda: run_sample(g, cfg, sampler, inputs.prompts), outputs=[g.samples])
+    shutil.rmtree(g.chunk_dir("sample"), ignore_errors=True)  # folded into samples.jsonl
+    if revisions_used(cfg):
+        gen.run("critique", lambda: critique.run_critique(g, cfg, sampler, inputs.constitution),
+                outputs=critique.outputs(g, cfg))
+    shutil.rmtree(g.chunks, ignore_errors=True)
+    close_sampler(sampler)
+    if directions is None or gen.manifest.stage_done("screen"):  # else the screen reads model k's states: keep it
         gen.release()
-        if cfg.monitor.screen == "gate" and (gen.dir / "screen" / "screen.json").is_file():
-            flagged = read_json(gen.dir / "screen" / "screen.json")["flagged"]
-            if flagged:
-                gate = {"stopped_before": f"gen-{k + 1:03d}", "at": f"gen-{k:03d}",
-                        "reason": "data screen: training data moves " + ", ".join(flagged) +
-                                  " toward the trait past monitor.screen_threshold"}
-                m.update(status="gated", gate=gate)
-                track(gen, "timings")
-                log.warning("data screen gate: %s; stopping before training %s", gate["reason"],
-                            gate["stopped_before"])
-                return gate
-        data_dir = train_data_dir(cfg, gen.dir)
-        if gen.todo("guard"):
-            with m.stage("guard") as counts:
-                counts["texts_checked"] = guard.check(data_dir, probe_texts)
-                counts["probe_texts"] = len(probe_texts)
-        if gen.todo("train"):
-            next_model = gen_dir(run_dir, k + 1) / "model"
-            with m.stage("train", outputs=[next_model, gen.dir / "train" / "train_log.json"]) as counts:
-                args = dict(method=cfg.train.method, parent=gen.model_path, data_dir=data_dir,
-                            out_model=next_model, train_cfg=cfg.train, model_cfg=cfg.model, seed=cfg.seed + k,
-                            work_dir=gen.dir / "train", tracking=trackers.for_training(tracker, k))
-                # above one process, accelerate launch runs it as a subprocess: the driver stays single-process
-                counts.update(train_generation(**args) if cfg.train.num_processes == 1 else
-                              launch("train_generation", cfg.train.num_processes, cfg.train.accelerate_config,
-                                     **args))
+    if revisions_used(cfg):
+        gen.run("data", lambda: data.run_data(g, cfg), outputs=data.outputs(g, cfg))
+    if labels(cfg):
+        gen.run("label", lambda: label.run_label(g, cfg, inputs.constitution, gen),
+                outputs=label.outputs(g, cfg), optional=label.optional_outputs(g, cfg))
+    if directions is not None:
+        gen.run("screen", lambda: screen.run_screen(g, cfg, *gen.model(), directions),
+                outputs=screen.outputs(g, cfg))
     gen.release()
+    reason = screen.gate_reason(g, cfg)
+    if reason:
+        return _stop(gen, inputs, reason, "data screen gate: %s; stopping before training %s")
+    return None
+
+
+def _train(cfg, gen: Generation, inputs: Inputs) -> None:
+    """guard, train: generation k+1's weights from generation k's data."""
+    g = gen.layout
+    gen.run("guard", lambda: guard.run_guard(g, cfg, inputs.probe_texts))
+    gen.run("train", lambda: run_train(g, cfg, gen.model_path, inputs.tracker),
+            outputs=[g.child_model, g.train_log])
+
+
+def _finish(gen: Generation, inputs: Inputs, t0: float) -> None:
+    """Mark generation k done, with its wall time and the monitor's share of it."""
+    gen.release()
+    m = gen.manifest
     stages = m.data["stages"]
     total = sum(s.get("seconds", 0) for s in stages.values())
     monitor = sum(stages[s].get("seconds", 0) for s in MONITOR_STAGES if s in stages)
     m.update(status="done", wall_s=round(time.perf_counter() - t0, 3),
              monitor_s=round(monitor, 3), monitor_fraction=round(monitor / total, 4) if total else None)
-    track(gen, "timings")
-    return None
+    inputs.track(gen, "timings")
+
+
+# --------------------------------------------------------------------------- the stages kept here
+# sample and train follow the stages' contract (selftrain.stages) but stay here until their
+# modules hold them: the sampling engine (engines/hf.py) and training (stages/train.py).
+
+
+def run_sample(gen: GenDir, cfg, sampler, prompts) -> dict:
+    """The sample stage: model k's answers to the run's prompts -> gen-k/samples.jsonl, chunks
+    committed in gen-k/.chunks/sample as they finish."""
+    counts: dict = {}
+    recs = sample_stage(sampler, prompts, sampling(cfg, cfg.sampler.max_new_tokens, seeds.sample(cfg.seed, gen.k)),
+                        gen.chunk_dir("sample"), cfg.sampler.chunk_size, counts)
+    write_jsonl(gen.samples, recs)
+    counts.update(prompts=len(recs), sampler=sampler.describe(), **sampler.take_stats())
+    return counts
+
+
+def run_train(gen: GenDir, cfg, parent: str, tracker: dict | None) -> dict:
+    """The train stage: gen-(k+1)/model from `parent` (model k) on the data training reads
+    (the screen's copy under screen=drop); work files in gen-k/train."""
+    args = dict(method=cfg.train.method, parent=parent, data_dir=gen.train_data(cfg.monitor.screen),
+                out_model=gen.child_model, train_cfg=cfg.train, model_cfg=cfg.model, seed=seeds.train(cfg.seed, gen.k),
+                work_dir=gen.train, tracking=trackers.for_training(tracker, gen.k))
+    # above one process, accelerate launch runs it as a subprocess: the driver stays single-process
+    if cfg.train.num_processes == 1:
+        return train_generation(**args)
+    return launch("train_generation", cfg.train.num_processes, cfg.train.accelerate_config, **args)
 
 
 def _screen_directions(cfg, run_dir: Path) -> dict | None:
     """The frozen gen-000 directions the data screen reads; None when the screen is off or there
     are none (monitor.activations=false, which validate() refuses with screen=drop/gate)."""
-    path = gen_dir(run_dir, 0) / "monitor" / "directions"
+    path = GenDir(run_dir, 0).directions
     if cfg.monitor.screen == "off" or not cfg.monitor.activations or not path.is_file():
         return None
     return load_directions(path) or None
@@ -480,59 +532,4 @@ def _screen_directions(cfg, run_dir: Path) -> dict | None:
 
 def train_data_dir(cfg, gen_folder: Path) -> Path:
     """Where training reads generation k's data: the screen's filtered copy under screen=drop."""
-    return gen_folder / "screen" / "data" if cfg.monitor.screen == "drop" else gen_folder / "data"
-
-
-def _labels(cfg) -> bool:
-    """The label stage runs when DPO trains on AI-feedback or user-supplied preferences."""
-    return cfg.preferences.source in ("ai_feedback", "dataset") and uses_dpo(cfg.train.method)
-
-
-def _revisions_used(cfg) -> bool:
-    """Whether training reads the critique stage's revisions: SFT does, and DPO on revision pairs.
-    DPO alone on labelled pairs does not, so its generations skip the critique and data stages
-    (on the default experiment, critique was about half of a generation's time)."""
-    return not (_labels(cfg) and cfg.train.method == "dpo")
-
-
-def _label(cfg, gen: Generation, constitution) -> dict:
-    """AI-feedback labels for generation k's prompts: model k samples, the labeller compares.
-    With source=dataset, the user's pairs are copied into data/preference instead."""
-    from datasets import Dataset
-
-    from selftrain.stages.label import label_stage
-    from selftrain.run.records import atomic_dir
-
-    pref, k = cfg.preferences, gen.k
-    if pref.source == "dataset":
-        rows, digest = load_user_preferences(pref.path)
-        with atomic_dir(gen.dir / "data" / "preference") as tmp:
-            Dataset.from_list(rows).save_to_disk(str(tmp))
-        return {"source": "dataset", "path": pref.path, "sha256": digest, "pairs": len(rows), "kept": len(rows)}
-    sampler = _sampler(cfg, gen)  # the responses to compare come from the configured engine
-    if pref.labeller_base_url:
-        labeller = make_labeller(pref, cfg.sampler, gen.model_path)
-        who = {"source": "preferences.labeller_base_url", **labeller.describe()}
-    elif pref.labeller:
-        path = models.resolve(pref.labeller)
-        # an in-process labeller takes the hf sampler's settings, whatever sampler.backend is
-        labeller = hf_sampler(cfg.sampler, models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code,
-                                                             device=cfg.model.device),
-                              models.load_tokenizer(path, cfg.model.trust_remote_code), pref.batch_size)
-        who = {"source": "preferences.labeller", "path": path,
-               "sha256": sha256_tree(Path(path)) if Path(path).exists() else None}
-    else:
-        labeller = hf_sampler(cfg.sampler, *gen.model(), batch_size=pref.batch_size)
-        who = {"source": f"model k (gen-{k:03d})", "path": gen.model_path, "sha256": gen.manifest.data.get("model_sha256")}
-    t0 = time.perf_counter()
-    counts = label_stage(sampler, labeller, constitution, read_jsonl(gen.dir / "samples.jsonl"), pref,
-                         _params(cfg, cfg.sampler.max_new_tokens, cfg.seed * 100 + k + 3),
-                         _params(cfg, pref.cot_max_new_tokens, cfg.seed * 100 + k + 4), seed=cfg.seed + k,
-                         gen_dir=gen.dir)
-    if counts["kept"] == 0:
-        raise UserError(f"generation {k}: every preference pair was dropped ({counts['dropped_identical']} identical, "
-                        f"{counts['dropped_margin']} below preferences.min_margin={pref.min_margin})")
-    close_sampler(sampler)
-    close_sampler(labeller)
-    gen.release()
-    return {**counts, "sampler": sampler.describe(), "labeller": who, "seconds_labelling": round(time.perf_counter() - t0, 3)}
+    return GenDir.at(gen_folder).train_data(cfg.monitor.screen)

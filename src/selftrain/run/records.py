@@ -1,16 +1,6 @@
 """The one record schema: manifests, atomic writes and hashes for everything a run writes.
 
-Layout of a run folder (Hydra's output dir):
-    manifest.json                  resolved config, hashes, seeds, versions, generation list
-    gen-000/manifest.json          parent model, model path, stage status / timing / counts
-    gen-000/probes/                per-item probe scores (datasets.save_to_disk)
-    gen-000/samples.jsonl          initial responses of model k       (generations < G)
-    gen-000/critiques.jsonl        every critique/revision round
-    gen-000/data/{sft,preference}  training datasets
-    gen-000/drift/report.{json,md} drift report vs gen k-1 and gen 0
-    gen-001/model/                 safetensors of the model trained on gen-000's data
-    gen-000/.chunks/{sample,critique}/NNNNN.jsonl   committed chunks of an unfinished stage
-    replaced-<time>/               outputs moved aside by force_stage or resume=false
+Where each file of a run folder lives is selftrain.run.layout's to say.
 A finished stage's manifest entry holds "outputs": {path relative to the run folder: sha256_tree}.
 Reports and comparisons read these files, never live objects.
 """
@@ -27,12 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-
-
-def gen_dir(run_dir: Path, k: int) -> Path:
-    return Path(run_dir) / f"gen-{k:03d}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from selftrain import UserError
-from selftrain.run.records import MANIFEST, gen_dir, read_manifest, sha256_tree, write_json, write_jsonl
+from selftrain.run.layout import GEN_PREFIX, MANIFEST, REPLACED_PREFIX, GenDir, RunDir, gen_name
+from selftrain.run.records import read_manifest, sha256_tree, write_json, write_jsonl
+from selftrain.run import seeds
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ STAGES = ("probe", "report", "sample", "critique", "data", "label", "screen", "g
 MONITOR_ONLY = ("probe", "report")
 CHUNKED = ("sample", "critique")
 _CHUNK_FILE = re.compile(r"^(\d{5})\.jsonl$")
-_FORCE = re.compile(r"^(?:gen-(\d{3,})/)?([a-z_]+)$")
+_FORCE = re.compile(rf"^(?:{GEN_PREFIX}(\d{{3,}})/)?([a-z_]+)$")
 
 # --------------------------------------------------------------------------- interrupts
 
@@ -134,8 +136,9 @@ def graceful_interrupts() -> Iterator[None]:
 
 def chunk_params(params, i: int):
     """Chunk i's sampling parameters: its seed comes from the stage seed and i alone.
-    100_003 is a prime larger than any chunk count, so two (seed, chunk) pairs never collide."""
-    return dataclasses.replace(params, seed=params.seed * 100_003 + i)
+    (selftrain.run.seeds.chunk: a prime stride larger than any chunk count, so two (seed, chunk)
+    pairs never collide)"""
+    return dataclasses.replace(params, seed=seeds.chunk(params.seed, i))
 
 
 def split(items: Sequence, size: int) -> list[Sequence]:
@@ -199,9 +202,9 @@ def check_chunks(folder: Path, ids: list[str], size: int) -> None:
 
 def _gen_manifests(run_dir: Path) -> list[tuple[int, Path, dict]]:
     out = []
-    for g in sorted(Path(run_dir).glob("gen-[0-9][0-9][0-9]")):
-        if (g / MANIFEST).is_file():
-            out.append((int(g.name[4:]), g, read_manifest(g / MANIFEST)))
+    for g in RunDir(run_dir).gens():
+        if g.manifest.is_file():
+            out.append((g.k, g.path, read_manifest(g.manifest)))
     return out
 
 
@@ -219,7 +222,7 @@ def parse_force(value: str | None, generations: int) -> tuple[int | None, str] |
         last = generations if stage in MONITOR_ONLY else generations - 1
         if k > last:
             raise UserError(f"force_stage={value}: generation {k} has no {stage} stage "
-                            f"(generations={generations}: {stage} runs in gen-000..gen-{last:03d})")
+                            f"(generations={generations}: {stage} runs in {gen_name(0)}..{gen_name(last)})")
     return k, stage
 
 
@@ -253,22 +256,22 @@ def apply_force(run_dir: Path, target: tuple[int, str]) -> Path:
     and every later generation. Their outputs move to <run>/replaced-<time>/. Returns that folder."""
     run_dir = Path(run_dir)
     k, stage = target
-    dest = run_dir / f"replaced-{stamp()}"
+    dest = RunDir(run_dir).replaced(stamp())
     redo = STAGES[STAGES.index(stage):]
-    g = gen_dir(run_dir, k)
-    data = read_manifest(g / MANIFEST)
+    gen = GenDir(run_dir, k)
+    data = read_manifest(gen.manifest)
     stages = data.get("stages", {})
     for name in redo:
         entry = stages.pop(name, None)
         for rel in (entry or {}).get("outputs", {}):
             _move_aside(run_dir, rel, dest)
-        _move_aside(run_dir, f"{g.name}/.chunks/{name}", dest)
+        _move_aside(run_dir, gen.rel(gen.chunk_dir(name)), dest)
     for key in ("status", "wall_s", "monitor_s", "monitor_fraction", "gate"):
         data.pop(key, None)
     for later, path, _ in _gen_manifests(run_dir):
         if later > k:
             _move_aside(run_dir, path.name, dest)
-    write_json(g / MANIFEST, data)
+    write_json(gen.manifest, data)
     run_manifest = run_dir / MANIFEST
     if run_manifest.is_file():
         top = read_manifest(run_manifest)
@@ -276,8 +279,8 @@ def apply_force(run_dir: Path, target: tuple[int, str]) -> Path:
             top.pop(key, None)
         top["generations_done"] = min(top.get("generations_done", k), k)
         write_json(run_manifest, top)
-    log.warning("force_stage: redoing gen-%03d/%s and everything after it; earlier outputs moved to %s",
-                k, stage, dest)
+    log.warning("force_stage: redoing %s/%s and everything after it; earlier outputs moved to %s",
+                gen.name, stage, dest)
     return dest
 
 
@@ -286,9 +289,9 @@ def start_over(run_dir: Path) -> Path | None:
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).exists():
         return None
-    dest = run_dir / f"replaced-{stamp()}"
+    dest = RunDir(run_dir).replaced(stamp())
     for p in sorted(run_dir.iterdir()):
-        if p.name.startswith((".", "replaced-")) or p.suffix == ".log":
+        if p.name.startswith((".", REPLACED_PREFIX)) or p.suffix == ".log":
             continue  # Hydra's own files and earlier replaced outputs stay
         _move_aside(run_dir, p.name, dest)
     log.warning("resume=false: earlier outputs of %s moved to %s", run_dir, dest)

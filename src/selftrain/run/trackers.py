@@ -29,6 +29,7 @@ import math
 from pathlib import Path
 
 from selftrain import UserError
+from selftrain.run.layout import GenDir, gen_name
 from selftrain.run.records import read_json
 
 TRACKERS = ("none", "trackio", "tensorboard", "wandb", "mlflow")
@@ -65,7 +66,7 @@ def for_training(track: dict | None, k: int) -> dict | None:
         return None
     out = dict(track)
     if track.get("log_dir"):
-        out["train_log_dir"] = str(Path(track["log_dir"]) / f"train-gen-{k:03d}")
+        out["train_log_dir"] = str(Path(track["log_dir"]) / f"train-{gen_name(k)}")
     return out
 
 
@@ -77,8 +78,8 @@ def _num(x) -> float | None:
 
 def generation_metrics(run_dir: Path, k: int) -> dict[str, float]:
     """The drift report of generation k, as flat scalars (see the module doc for the names)."""
-    n = f"gen-{k:03d}"
-    rep = read_json(Path(run_dir) / n / "drift" / "report.json")
+    n = gen_name(k)
+    rep = read_json(GenDir(run_dir, k).report_json)
     out: dict[str, float | None] = {}
     mdes = []
     for d, v in rep["dimensions"].items():
@@ -111,7 +112,7 @@ def generation_metrics(run_dir: Path, k: int) -> dict[str, float]:
 
 def timing_metrics(run_dir: Path, k: int) -> dict[str, float]:
     """Generation k's stage seconds, sampling tokens/s, wall time and monitor share, from its manifest."""
-    m = read_json(Path(run_dir) / f"gen-{k:03d}" / "manifest.json")
+    m = read_json(GenDir(run_dir, k).manifest)
     out: dict[str, float | None] = {}
     for name, st in (m.get("stages") or {}).items():
         if st.get("status") != "done":

@@ -15,8 +15,12 @@ import re
 from pathlib import Path
 
 from selftrain.constitution import Constitution
-from selftrain.run.resume import chunk_params, run_chunks
 from selftrain.engines.base import Sampler, SamplingParams
+from selftrain.run import seeds
+from selftrain.run.layout import GenDir
+from selftrain.run.records import read_jsonl, write_jsonl
+from selftrain.run.resume import chunk_params, run_chunks
+from selftrain.stages import sampling
 
 # Small models often echo a label before the text ("Revision: ..."); strip it.
 _LABEL = re.compile(r"^\s*\**\s*(?:revised response|revision|rewritten response|critique)\s*\**\s*:\s*\**\s*",
@@ -41,11 +45,11 @@ def critique_revise(sampler: Sampler, constitution: Constitution, samples: list[
         base = [context + [{"role": "user", "content": rec["prompt"]},
                            {"role": "assistant", "content": rec["final"]}] for rec in records]
         crit_convs = [b + [{"role": "user", "content": p.critique}] for b, p in zip(base, drawn)]
-        p_crit = SamplingParams(**{**critique_params.__dict__, "seed": critique_params.seed + 7919 * r})
+        p_crit = SamplingParams(**{**critique_params.__dict__, "seed": seeds.revision_round(critique_params.seed, r)})
         critiques = [clean(c) for c in sampler.chat(crit_convs, p_crit, desc=f"critique r{r + 1}")]
         rev_convs = [c + [{"role": "assistant", "content": crit}, {"role": "user", "content": p.revision}]
                      for c, crit, p in zip(crit_convs, critiques, drawn)]
-        p_rev = SamplingParams(**{**revision_params.__dict__, "seed": revision_params.seed + 7919 * r})
+        p_rev = SamplingParams(**{**revision_params.__dict__, "seed": seeds.revision_round(revision_params.seed, r)})
         revisions = [clean(v) for v in sampler.chat(rev_convs, p_rev, desc=f"revision r{r + 1}")]
         for rec, p, crit, rev in zip(records, drawn, critiques, revisions):
             rec["rounds"].append({"round": r, "principle": p.id, "critique_request": p.critique,
@@ -64,3 +68,27 @@ def critique_stage(sampler: Sampler, constitution: Constitution, samples: list[d
                                chunk_params(critique_params, i), chunk_params(revision_params, i), seed)
 
     return run_chunks(chunk_dir, samples, [s["prompt_id"] for s in samples], chunk_size, work, counts)
+
+
+def outputs(gen: GenDir, cfg) -> list[Path]:
+    return [gen.critiques]
+
+
+def run_critique(gen: GenDir, cfg, sampler: Sampler, constitution: Constitution) -> dict:
+    """The critique stage: gen-k/samples.jsonl -> gen-k/critiques.jsonl, chunks committed in
+    gen-k/.chunks/critique as they finish."""
+    counts: dict = {}
+    recs = critique_stage(
+        sampler, constitution, read_jsonl(gen.samples), cfg.critique.rounds, cfg.constitution.fewshot,
+        sampling(cfg, cfg.critique.critique_max_new_tokens, seeds.critique(cfg.seed, gen.k)),
+        sampling(cfg, cfg.critique.revision_max_new_tokens, seeds.revision(cfg.seed, gen.k)),
+        seed=seeds.draw(cfg.seed, gen.k), chunk_dir=gen.chunk_dir("critique"), chunk_size=cfg.sampler.chunk_size,
+        counts=counts)
+    write_jsonl(gen.critiques, recs)
+    usage: dict[str, int] = {}
+    for r in recs:
+        for rd in r["rounds"]:
+            usage[rd["principle"]] = usage.get(rd["principle"], 0) + 1
+    counts.update(records=len(recs), rounds=cfg.critique.rounds, principle_usage=usage,
+                  sampler=sampler.describe(), **sampler.take_stats())
+    return counts

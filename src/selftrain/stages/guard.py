@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from selftrain import UserError
+from selftrain.run.layout import GenDir
 
 SHINGLE = 5
 CONTAINMENT = 0.6  # share of a probe text's 5-grams found in one training text
@@ -84,3 +85,13 @@ def check(data_dir: Path, probe_texts: list[str]) -> int:
             raise UserError(f"probe item found in training data ({Path(data_dir)}/{where}): "
                             f"{hit[:80]!r}; probe items must never be trained on")
     return len(texts)
+
+
+def outputs(gen: GenDir, cfg) -> list[Path]:
+    """The guard writes nothing: it only refuses."""
+    return []
+
+
+def run_guard(gen: GenDir, cfg, probe_texts: list[str]) -> dict:
+    """The guard stage: check the data training will read (the screen's copy under screen=drop)."""
+    return {"texts_checked": check(gen.train_data(cfg.monitor.screen), probe_texts), "probe_texts": len(probe_texts)}

@@ -25,14 +25,21 @@ import itertools
 import math
 import random
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset
 
+from selftrain import UserError, models
 from selftrain.constitution import Constitution, Principle
-from selftrain.run.records import atomic_dir, write_jsonl
 from selftrain.engines.base import Sampler, SamplingParams
+from selftrain.engines.factory import close_sampler, hf_sampler, make_labeller, make_sampler
+from selftrain.preferences import load_user_preferences
+from selftrain.run import seeds
+from selftrain.run.layout import GenDir
+from selftrain.run.records import atomic_dir, read_jsonl, sha256_tree, write_jsonl
+from selftrain.stages import sampling
 
 # The multiple-choice question, after the CAI paper's comparison prompt.
 QUESTION = ("Consider the following conversation between a human and an assistant:\n\n"
@@ -125,8 +132,10 @@ def _norm(text: str) -> str:
 
 
 def label_stage(sampler: Sampler, labeller: Sampler, constitution: Constitution, samples: list[dict], pref,
-                response_params: SamplingParams, cot_params: SamplingParams, seed: int, gen_dir: Path) -> dict:
+                response_params: SamplingParams, cot_params: SamplingParams, seed: int,
+                gen_dir: Path | GenDir) -> dict:
     """Sample responses, label every pair, write the preference dataset and preferences.jsonl; return counts."""
+    gen = gen_dir if isinstance(gen_dir, GenDir) else GenDir.at(gen_dir)
     n = pref.responses
     convs = [[{"role": "user", "content": s["prompt"]}] for s in samples for _ in range(n)]
     flat = sampler.chat(convs, response_params, desc="label responses")
@@ -160,8 +169,8 @@ def label_stage(sampler: Sampler, labeller: Sampler, constitution: Constitution,
             rows.append({k: rec[k] for k in ("prompt_id", "prompt", "chosen", "rejected", "label", "margin")})
         else:
             counts["dropped_margin"] += 1
-    write_jsonl(Path(gen_dir) / "preferences.jsonl", records)
-    with atomic_dir(Path(gen_dir) / "data" / "preference") as tmp:
+    write_jsonl(gen.preferences, records)
+    with atomic_dir(gen.preference) as tmp:
         Dataset.from_list(rows).save_to_disk(str(tmp)) if rows else (tmp / "EMPTY").write_text("")
     labels = [r["label"] for r in records if r["kept"]]
     usage = Counter(v["principle"] for r in records for v in r["votes"])
@@ -174,3 +183,61 @@ def label_stage(sampler: Sampler, labeller: Sampler, constitution: Constitution,
             "clamp": [pref.clamp_low, pref.clamp_high] if pref.chain_of_thought else None,
             "principle_usage": dict(usage), "labeller_cost": labeller_cost(pref)}
 
+
+
+def outputs(gen: GenDir, cfg) -> list[Path]:
+    """data/preference; preferences.jsonl too with AI feedback (`optional_outputs`)."""
+    return [gen.preference]
+
+
+def optional_outputs(gen: GenDir, cfg) -> list[Path]:
+    return [gen.preferences]
+
+
+def run_label(gen: GenDir, cfg, constitution: Constitution, current) -> dict:
+    """The label stage: AI-feedback labels for generation k's prompts (model k samples, the labeller
+    compares), or with source=dataset the user's pairs copied into data/preference.
+    `current` is generation k's model, loaded on first use (selftrain.run.loop.Generation:
+    model(), model_path, model_sha256, release())."""
+    pref, k = cfg.preferences, gen.k
+    if pref.source == "dataset":
+        rows, digest = load_user_preferences(pref.path)
+        with atomic_dir(gen.preference) as tmp:
+            Dataset.from_list(rows).save_to_disk(str(tmp))
+        return {"source": "dataset", "path": pref.path, "sha256": digest, "pairs": len(rows), "kept": len(rows)}
+    # the responses to compare come from the configured engine
+    sampler = make_sampler(cfg.sampler, current.model, current.model_path, cfg.model)
+    labeller, who = _labeller(cfg, current, gen)
+    t0 = time.perf_counter()
+    counts = label_stage(sampler, labeller, constitution, read_jsonl(gen.samples), pref,
+                         sampling(cfg, cfg.sampler.max_new_tokens, seeds.label_response(cfg.seed, k)),
+                         sampling(cfg, pref.cot_max_new_tokens, seeds.label_cot(cfg.seed, k)),
+                         seed=seeds.draw(cfg.seed, k), gen_dir=gen)
+    if counts["kept"] == 0:
+        raise UserError(f"generation {k}: every preference pair was dropped ({counts['dropped_identical']} identical, "
+                        f"{counts['dropped_margin']} below preferences.min_margin={pref.min_margin})")
+    close_sampler(sampler)
+    close_sampler(labeller)
+    current.release()
+    return {**counts, "sampler": sampler.describe(), "labeller": who,
+            "seconds_labelling": round(time.perf_counter() - t0, 3)}
+
+
+def _labeller(cfg, current, gen: GenDir) -> tuple[Sampler, dict]:
+    """The labeller `preferences` names (a server, a model of its own, or model k itself), and
+    what the manifest records of it."""
+    pref = cfg.preferences
+    if pref.labeller_base_url:
+        labeller = make_labeller(pref, cfg.sampler, current.model_path)
+        return labeller, {"source": "preferences.labeller_base_url", **labeller.describe()}
+    if pref.labeller:
+        path = models.resolve(pref.labeller)
+        # an in-process labeller takes the hf sampler's settings, whatever sampler.backend is
+        labeller = hf_sampler(cfg.sampler, models.load_model(path, cfg.model.dtype, cfg.model.trust_remote_code,
+                                                             device=cfg.model.device),
+                              models.load_tokenizer(path, cfg.model.trust_remote_code), pref.batch_size)
+        return labeller, {"source": "preferences.labeller", "path": path,
+                          "sha256": sha256_tree(Path(path)) if Path(path).exists() else None}
+    labeller = hf_sampler(cfg.sampler, *current.model(), batch_size=pref.batch_size)
+    return labeller, {"source": f"model k ({gen.name})", "path": current.model_path,
+                      "sha256": current.model_sha256}

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from selftrain import UserError
 from selftrain.monitor.activations import pooled_states
-from selftrain.run.records import atomic_dir, read_jsonl, write_json, write_jsonl
+from selftrain.run.layout import GenDir
+from selftrain.run.records import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 
 # Replies per call: pooled states are [replies, L+1, d] floats, so this bounds the memory of a call
 # (a multiple of 3, so a row's replies stay in one call and share its prompt).
@@ -60,14 +62,14 @@ def training_rows(data_dir: Path, method: str) -> list[dict]:
 
 def provenance(gen_dir: Path) -> dict[str, dict]:
     """prompt id -> its source and the principles (or sections) drawn for it."""
-    gen_dir = Path(gen_dir)
+    gen = GenDir.at(gen_dir)
     out: dict[str, dict] = {}
-    if (gen_dir / "samples.jsonl").is_file():
-        for r in read_jsonl(gen_dir / "samples.jsonl"):
+    if gen.samples.is_file():
+        for r in read_jsonl(gen.samples):
             out[r["prompt_id"]] = {"source": r.get("source"), "own": r.get("response", ""), "principles": []}
-    for name, key in (("critiques.jsonl", "rounds"), ("preferences.jsonl", "principles")):
-        if (gen_dir / name).is_file():
-            for r in read_jsonl(gen_dir / name):
+    for path, key in ((gen.critiques, "rounds"), (gen.preferences, "principles")):
+        if path.is_file():
+            for r in read_jsonl(path):
                 got = r.get(key) or []
                 ids = [x["principle"] for x in got] if key == "rounds" else list(got)
                 out.setdefault(r.get("prompt_id"), {"source": None, "own": "", "principles": []})
@@ -142,15 +144,15 @@ def screen_rows(model, tokenizer, rows: list[dict], directions: dict[str, dict],
 def screen_generation(model, tokenizer, gen_dir: Path, method: str, directions: dict[str, dict], mode: str,
                       alpha: float, threshold: float, row_threshold: float, batch_size: int = 16) -> dict:
     """Screen gen-k's training data; write gen-k/screen/. Returns the summary (screen.json)."""
-    gen_dir = Path(gen_dir)
-    prov = provenance(gen_dir)
-    rows = training_rows(gen_dir / "data", method)
+    gen = GenDir.at(gen_dir)
+    prov = provenance(gen.path)
+    rows = training_rows(gen.data, method)
     for r in rows:
         p = prov.get(r["prompt_id"], {})
         r.update(source=p.get("source"), principles=p.get("principles", []), own=p.get("own", ""))
     missing = [r["prompt_id"] for r in rows if r["prompt_id"] not in prov]
     if missing:
-        raise ValueError(f"{gen_dir / 'samples.jsonl'}: no own answer for prompt {missing[0]}")
+        raise ValueError(f"{gen.samples}: no own answer for prompt {missing[0]}")
     # an empty text has no reply tokens to pool over: such rows are counted, trained, never dropped
     empty = [not r["own"].strip() or not r["reply"].strip() or ("rejected" in r and not r["rejected"].strip())
              for r in rows]
@@ -158,17 +160,18 @@ def screen_generation(model, tokenizer, gen_dir: Path, method: str, directions: 
     rows = [r for r, e in zip(rows, empty) if not e]
     summary, diff, flags = screen_rows(model, tokenizer, rows, directions, alpha, threshold, row_threshold, batch_size)
     dropped = sum(flags) if mode == "drop" else 0
-    summary.update(generation=gen_dir.name, mode=mode, rows_dropped=dropped, rows_skipped_empty=len(skipped),
+    summary.update(generation=gen.name, mode=mode, rows_dropped=dropped, rows_skipped_empty=len(skipped),
                    rows=len(rows) + len(skipped), rows_screened=len(rows))
-    with atomic_dir(gen_dir / "screen") as tmp:
-        write_json(tmp / "screen.json", summary)
-        write_jsonl(tmp / "rows.jsonl", [{"dataset": r["dataset"], "row": r["index"], "prompt_id": r["prompt_id"],
-                                          "source": r["source"], "principles": r["principles"],
-                                          "difference": {d: float(diff[d][i]) for d in diff}, "flagged": flags[i],
-                                          "dropped": mode == "drop" and flags[i]}
-                                         for i, r in enumerate(rows)])
+    with atomic_dir(gen.screen) as tmp:  # tmp stands for gen-k/screen: the same names inside
+        write_json(tmp / gen.screen_json.name, summary)
+        write_jsonl(tmp / gen.screen_rows.name,
+                    [{"dataset": r["dataset"], "row": r["index"], "prompt_id": r["prompt_id"],
+                      "source": r["source"], "principles": r["principles"],
+                      "difference": {d: float(diff[d][i]) for d in diff}, "flagged": flags[i],
+                      "dropped": mode == "drop" and flags[i]}
+                     for i, r in enumerate(rows)])
         if mode == "drop":
-            _filtered_copy(gen_dir / "data", tmp / "data", rows, flags)
+            _filtered_copy(gen.data, tmp / gen.screen_data.name, rows, flags)
     return summary
 
 
@@ -192,3 +195,31 @@ def _filtered_copy(src: Path, dst: Path, rows: list[dict], flags: list[bool]) ->
         else:
             (dst / name).mkdir(parents=True)
             (dst / name / "EMPTY").write_text("")
+
+
+def outputs(gen: GenDir, cfg) -> list[Path]:
+    return [gen.screen]
+
+
+def run_screen(gen: GenDir, cfg, model, tokenizer, directions: dict[str, dict]) -> dict:
+    """The screen stage: gen-k's training data on the frozen gen-000 `directions`, read with
+    model k; writes gen-k/screen/. Refuses a drop that leaves no row to train on."""
+    mc = cfg.monitor
+    summary = screen_generation(model, tokenizer, gen.path, cfg.train.method, directions, mc.screen, mc.alpha,
+                                mc.screen_threshold, mc.screen_row_threshold, cfg.probes.batch_size)
+    counts = {key: summary[key] for key in ("rows", "rows_flagged", "rows_dropped", "flagged")}
+    if summary["rows_dropped"] and summary["rows_dropped"] == summary["rows"]:
+        raise UserError(f"generation {gen.k}: monitor.screen=drop removed every training row "
+                        f"(monitor.screen_row_threshold={mc.screen_row_threshold})")
+    return counts
+
+
+def gate_reason(gen: GenDir, cfg) -> str | None:
+    """Under monitor.screen=gate, why the loop stops before training on gen-k's data (None: it goes on)."""
+    if cfg.monitor.screen != "gate" or not gen.screen_json.is_file():
+        return None
+    flagged = read_json(gen.screen_json)["flagged"]
+    if not flagged:
+        return None
+    return ("data screen: training data moves " + ", ".join(flagged) +
+            " toward the trait past monitor.screen_threshold")
