@@ -22,7 +22,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from selftrain.run.resume import STAGES
+from selftrain.run.layout import STAGES
 
 SECTIONS = ("hardware", "sampling", "critique", "sft", "smoke")
 # Small budgets for --quick's smoke run (the tests' tiny-model settings)

@@ -2,7 +2,8 @@
 from datasets import load_from_disk
 
 from selftrain.stages.critique import clean
-from selftrain.stages.data import build_datasets, verdict
+from selftrain.stages.data import build_datasets
+from selftrain.text import verdict
 
 
 def rec(pid, initial, final):

@@ -22,17 +22,17 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     ("foundation", ["selftrain", "selftrain.paths", "selftrain.config", "selftrain.config.schema",
                     "selftrain.run", "selftrain.run.records", "selftrain.run.layout", "selftrain.run.seeds",
-                    "selftrain.run.interrupts", "selftrain.run.chunks", "selftrain.run.trackers",
+                    "selftrain.run.interrupts", "selftrain.run.chunks", "selftrain.run.trackers", "selftrain.run.preempt",
                     "selftrain.text",
                     "selftrain.constitution", "selftrain.prompts", "selftrain.preferences",
-                    "selftrain.models", "selftrain.kernels", "selftrain.engines", "selftrain.stages",
+                    "selftrain.models", "selftrain.kernels", "selftrain.engines",
                     "selftrain.monitor", "selftrain.analysis"]),
     ("kernels", ["selftrain.kernels."]),
     ("engines", ["selftrain.engines."]),
     # the harnesses drive stages and the probe: they sit with the run, above both
     ("run", ["selftrain.monitor.validate", "selftrain.monitor.checkpoints", "selftrain.config.checks",
              "selftrain.run."]),
-    ("stages", ["selftrain.stages."]),
+    ("stages", ["selftrain.stages", "selftrain.stages."]),  # its __init__ holds helpers the stages share
     ("monitor", ["selftrain.monitor."]),
     ("analysis", ["selftrain.analysis."]),
     ("cli", ["selftrain.cli"]),

@@ -110,8 +110,8 @@ def test_preemption_notice_is_one_signal_and_a_late_sigterm_stops_at_once(monkey
     """In a submitit job SIGUSR2 and SIGTERM together (either order) are one pre-emption notice:
     the run stops at the next safe point and asks for a requeue. A SIGTERM long after SIGUSR2 is
     the time limit: it stops at once, still asking for the requeue."""
-    from selftrain.run import resume
-    from selftrain.run.resume import Interrupted, check_interrupt, graceful_interrupts
+    from selftrain.run import interrupts
+    from selftrain.run.interrupts import Interrupted, check_interrupt, graceful_interrupts
 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     for first, second in ((signal.SIGUSR2, signal.SIGTERM), (signal.SIGTERM, signal.SIGUSR2)):
@@ -122,7 +122,7 @@ def test_preemption_notice_is_one_signal_and_a_late_sigterm_stops_at_once(monkey
             with pytest.raises(Interrupted) as e:
                 check_interrupt()
             assert e.value.requeue and not e.value.immediate
-    monkeypatch.setattr(resume, "PAIR_S", 0.0)
+    monkeypatch.setattr(interrupts, "PAIR_S", 0.0)
     with graceful_interrupts():
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(0.05)

@@ -15,8 +15,9 @@ import pytest
 from conftest import TINY_OVERRIDES, compose
 from selftrain import UserError
 from selftrain.run.records import check_disk, read_json, sha256_tree
-from selftrain.run.resume import (Interrupted, check_interrupt, chunk_params, graceful_interrupts, parse_force,
-                              read_chunk, resume_command, run_chunks)
+from selftrain.run.chunks import chunk_params, read_chunk, run_chunks
+from selftrain.run.interrupts import Interrupted, check_interrupt, graceful_interrupts
+from selftrain.run.resume import parse_force, resume_command
 from selftrain.engines.base import SamplingParams
 from selftrain.engines.hf import HFSampler
 from selftrain.stages.sample import sample_stage

@@ -147,7 +147,7 @@ def test_dpo_stops_after_a_first_sigint_and_saves_nothing(tiny_model, pref_data,
     import signal
 
     import selftrain.stages.train as train
-    from selftrain.run.resume import Interrupted, graceful_interrupts
+    from selftrain.run.interrupts import Interrupted, graceful_interrupts
 
     steps = []
 

@@ -12,7 +12,7 @@ from selftrain.analysis.drift_report import collapse_grid, collapse_panels
 from selftrain.analysis.permutation import MAX_SEEDS
 from selftrain.analysis.render import fmt, md_table, page
 from selftrain.run.layout import gen_name
-from selftrain.run.resume import STAGES
+from selftrain.run.layout import STAGES
 
 
 def render_plan(p: dict) -> str:

@@ -27,11 +27,11 @@ import random
 from pathlib import Path
 
 from selftrain.analysis import plots
-from selftrain.stages.data import verdict
 from selftrain.analysis.render import fmt, page
 from selftrain.run.layout import MANIFEST, GenDir, gen_dirs, gen_index, gen_name
 from selftrain.run.records import read_json, write_text
-from selftrain.run.resume import STAGES
+from selftrain.text import verdict
+from selftrain.run.layout import STAGES
 from selftrain.analysis.drift_report import (collapse_grid, collapse_panels, embedding_points, stage_timings, value_grid, value_panels,
                      value_scale_note)
 

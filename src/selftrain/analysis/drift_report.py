@@ -25,7 +25,7 @@ from selftrain.analysis.stats import COLLAPSE_WORSE_IF_HIGHER, COLLAPSE_WORSE_IF
 from selftrain.analysis.render import fmt, page
 from selftrain.run.layout import GenDir, gen_dir, gen_name
 from selftrain.run.records import read_json, read_jsonl, write_json, write_text
-from selftrain.run.resume import STAGES
+from selftrain.run.layout import STAGES
 
 
 def _maybe(path: Path):

@@ -28,6 +28,10 @@ MANIFEST = "manifest.json"
 DASHBOARD = "index.html"
 REPLACED_PREFIX = "replaced-"
 GEN_PREFIX = "gen-"
+# A generation's stages in the order they run (the keys of its manifest's `stages`); the last
+# generation runs only the monitor's two.
+STAGES = ("probe", "report", "sample", "critique", "data", "label", "screen", "guard", "train")
+MONITOR_ONLY = ("probe", "report")
 GEN_GLOB = "gen-[0-9][0-9][0-9]"  # what gen_dirs() lists: three digits (generations under 1000)
 _GEN_NAME = re.compile(r"^gen-(\d{3,})$")
 

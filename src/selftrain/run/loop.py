@@ -45,8 +45,9 @@ from selftrain.run.lineage import config_sha256
 from selftrain.run.lock import RunLock
 from selftrain.run.records import (Manifest, config_diff, now, package_versions, read_json, read_jsonl,
                                    read_manifest, sha256_tree, write_jsonl)
-from selftrain.run.resume import (Interrupted, apply_force, check_chunks, check_interrupt, force_target,
-                                  graceful_interrupts, parse_force, start_over, verify_outputs)
+from selftrain.run.chunks import check_chunks
+from selftrain.run.interrupts import Interrupted, check_interrupt, graceful_interrupts
+from selftrain.run.resume import apply_force, force_target, parse_force, start_over, verify_outputs
 from selftrain.stages import critique, data, guard, label, labels, revisions_used, sampling, screen
 from selftrain.stages.train import dpo_config, sft_config, train_generation, uses_dpo
 from selftrain.stages.train_worker import launch

@@ -9,7 +9,7 @@ the time limit, and on pre-emption right after a SIGTERM (pre-emption moves the 
 plus the partition's GraceTime).
 
 Requeueing in the middle of a chunk would leave a stage running and the folder locked. So while
-a run is in progress selftrain takes the signal over (resume.graceful_interrupts): as for SIGTERM,
+a run is in progress selftrain takes the signal over (interrupts.graceful_interrupts): as for SIGTERM,
 it finishes the chunk or training step, marks the run interrupted and releases the folder's lock.
 Only then does the CLI hand the signal to submitit's handler (`requeue`), and the requeued job
 resumes from the last committed chunk or stage. submitit counts time-outs, not pre-emptions,

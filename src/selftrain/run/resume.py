@@ -1,201 +1,26 @@
-"""Resuming a run folder: committed chunks, graceful interrupts, forced stages, read-back checks.
+"""Resuming a run folder: forced stages, starting over, and read-back checks.
 
-- The sample and critique stages work through their prompts in fixed chunks of
-  `sampler.chunk_size`; each finished chunk is committed as gen-k/.chunks/<stage>/<i>.jsonl
-  (written to a temporary name, then renamed), so a kill at any instant loses at most the chunk
-  in flight. Chunk boundaries and seeds depend only on the prompt list, the chunk size and the
-  run seed, never on where an earlier attempt stopped: a resumed stage writes the same records
-  as an uninterrupted one.
-- SIGINT/SIGTERM set a flag that is read between chunks, training steps and stages; the
-  stage is then marked `interrupted` and the CLI exits 130/143 with the command that resumes.
-  A second signal stops at once. In a submitit job, its pre-emption signal (SIGUSR2) stops the
-  same way and asks for a requeue once the run has stopped (selftrain.run.preempt); with a SIGTERM
-  a few seconds either side of it, it is one notice, since Slurm sends both on pre-emption.
+Committed chunks live in selftrain.run.chunks and graceful interrupts in selftrain.run.interrupts.
 - `force_stage` and `resume=false` move earlier outputs aside into <run>/replaced-<time>/
   (nothing is deleted); outputs of finished stages are checked against their recorded hashes
   before a resume uses them.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
 import re
 import shutil
-import signal
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 from selftrain import UserError
-from selftrain.run.layout import GEN_PREFIX, MANIFEST, REPLACED_PREFIX, GenDir, RunDir, gen_name
-from selftrain.run.records import read_manifest, sha256_tree, write_json, write_jsonl
-from selftrain.run import seeds
+from selftrain.run.layout import GEN_PREFIX, MANIFEST, MONITOR_ONLY, REPLACED_PREFIX, STAGES, GenDir, RunDir, gen_name
+from selftrain.run.records import read_manifest, sha256_tree, write_json
 
 log = logging.getLogger(__name__)
 
-# A generation's stages in the order they run; the last generation runs only the first two.
-STAGES = ("probe", "report", "sample", "critique", "data", "label", "screen", "guard", "train")
-MONITOR_ONLY = ("probe", "report")
-CHUNKED = ("sample", "critique")
-_CHUNK_FILE = re.compile(r"^(\d{5})\.jsonl$")
 _FORCE = re.compile(rf"^(?:{GEN_PREFIX}(\d{{3,}})/)?([a-z_]+)$")
-
-# --------------------------------------------------------------------------- interrupts
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised at a safe point after SIGINT/SIGTERM (or at once after a second signal).
-    `requeue`: submitit's pre-emption signal came too, so the job should be requeued."""
-
-    def __init__(self, signum: int, immediate: bool = False, requeue: bool = False):
-        self.signum, self.immediate, self.requeue = signum, immediate, requeue
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} received" + (" twice: stopped at once" if immediate else ""))
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-class _Flag:
-    signum: int | None = None
-    requeue: bool = False
-    stop: bool = False  # a SIGINT/SIGTERM came
-    preempt_at: float | None = None  # when the pre-emption signal came (time.monotonic)
-
-
-# Slurm sends SIGTERM and the pre-emption signal together, in either order, on pre-emption: one
-# notice. A SIGTERM well after the pre-emption signal is the time limit itself: stop at once.
-PAIR_S = 5.0
-
-
-_FLAG = _Flag()
-
-
-def check_interrupt() -> None:
-    """Raise Interrupted if a signal arrived; called between chunks, training steps and stages."""
-    if _FLAG.signum is not None:
-        raise Interrupted(_FLAG.signum, requeue=_FLAG.requeue)
-
-
-def interrupt_requested() -> bool:
-    return _FLAG.signum is not None
-
-
-@contextlib.contextmanager
-def graceful_interrupts() -> Iterator[None]:
-    """Turn the first SIGINT/SIGTERM into a flag; a second one raises Interrupted at once.
-    In a submitit job its pre-emption signal sets the flag too, and asks for a requeue."""
-    from selftrain.run.preempt import preempt_signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    preempt = preempt_signal()
-    sigs = (signal.SIGINT, signal.SIGTERM) + ((preempt,) if preempt else ())
-    old = {s: signal.getsignal(s) for s in sigs}
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if signum == preempt:
-            _FLAG.requeue, _FLAG.preempt_at = True, time.monotonic()
-            if _FLAG.signum is None:
-                _FLAG.signum = signum
-            log.warning("%s received (pre-emption or time limit): finishing the current chunk or step, "
-                        "then stopping to be requeued", name)
-            return
-        paired = _FLAG.preempt_at is not None and time.monotonic() - _FLAG.preempt_at < PAIR_S
-        if _FLAG.stop or (_FLAG.signum is not None and not paired):
-            raise Interrupted(signum, immediate=True, requeue=_FLAG.requeue)
-        _FLAG.stop = True
-        if _FLAG.signum is None:
-            _FLAG.signum = signum
-            log.warning("%s received: finishing the current chunk or step, then stopping "
-                        "(send it again to stop at once)", name)
-
-    def reset():
-        _FLAG.signum, _FLAG.requeue, _FLAG.stop, _FLAG.preempt_at = None, False, False, None
-
-    reset()
-    for s in sigs:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        reset()
-
-
-# --------------------------------------------------------------------------- chunks
-
-
-def chunk_params(params, i: int):
-    """Chunk i's sampling parameters: its seed comes from the stage seed and i alone.
-    (selftrain.run.seeds.chunk: a prime stride larger than any chunk count, so two (seed, chunk)
-    pairs never collide)"""
-    return dataclasses.replace(params, seed=seeds.chunk(params.seed, i))
-
-
-def split(items: Sequence, size: int) -> list[Sequence]:
-    return [items[s:s + size] for s in range(0, len(items), size)]
-
-
-def read_chunk(path: Path, ids: list[str]) -> list[dict]:
-    """A committed chunk, checked to hold exactly `ids` in order; a damaged one is a UserError."""
-    def bad(why: str) -> UserError:
-        return UserError(f"{path}: committed chunk is damaged ({why}); delete it to sample that chunk again")
-
-    try:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"not JSON Lines: {e}") from e
-    got = [r.get("prompt_id") if isinstance(r, dict) else None for r in rows]
-    if got != ids:
-        raise bad(f"holds prompt ids {got[:3]}... where this chunk's prompts are {ids[:3]}...")
-    return rows
-
-
-def run_chunks(folder: Path, items: Sequence, ids: list[str], size: int,
-               work: Callable[[int, Sequence], list[dict]], counts: dict) -> list[dict]:
-    """Process `items` in fixed chunks of `size`: committed chunks are read back, the rest are
-    computed by work(i, part) and committed one by one. Returns all records in order."""
-    out: list[dict] = []
-    parts, id_parts = split(items, size), split(ids, size)
-    resumed = 0
-    for i, (part, part_ids) in enumerate(zip(parts, id_parts)):
-        path = Path(folder) / f"{i:05d}.jsonl"
-        if path.exists():
-            rows = read_chunk(path, list(part_ids))
-            resumed += 1
-        else:
-            check_interrupt()
-            rows = work(i, part)
-            write_jsonl(path, rows)
-        out.extend(rows)
-    counts.update(chunks=len(parts), chunks_resumed=resumed)
-    return out
-
-
-def check_chunks(folder: Path, ids: list[str], size: int) -> None:
-    """Read-only check of a stage's committed chunks before a resume touches anything."""
-    if not Path(folder).is_dir():
-        return
-    id_parts = split(ids, size)
-    for p in sorted(Path(folder).iterdir()):
-        m = _CHUNK_FILE.match(p.name)
-        if m is None:
-            continue  # a temporary file a kill left behind; the chunk is redone
-        i = int(m.group(1))
-        if i >= len(id_parts):
-            raise UserError(f"{p}: committed chunk {i} is beyond this stage's {len(id_parts)} chunks; "
-                            "delete it to go on")
-        read_chunk(p, list(id_parts[i]))
-
 
 # --------------------------------------------------------------------------- run folders
 

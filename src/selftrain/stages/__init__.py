@@ -38,7 +38,7 @@ def revisions_used(cfg) -> bool:
 
 def sampling(cfg, max_new_tokens: int, seed: int):
     """The engine's SamplingParams from the `sampler` keys, with a stage's own length and seed."""
-    from selftrain.engines.hf import SamplingParams
+    from selftrain.engines.base import SamplingParams
 
     s = cfg.sampler
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p,

@@ -19,7 +19,7 @@ from selftrain.engines.base import Sampler, SamplingParams
 from selftrain.run import seeds
 from selftrain.run.layout import GenDir
 from selftrain.run.records import read_jsonl, write_jsonl
-from selftrain.run.resume import chunk_params, run_chunks
+from selftrain.run.chunks import chunk_params, run_chunks
 from selftrain.stages import sampling
 
 # Small models often echo a label before the text ("Revision: ..."); strip it.

@@ -7,7 +7,6 @@ unless a label stage runs (its labelled pairs are then the preference data).
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -17,29 +16,7 @@ from selftrain import UserError
 from selftrain.run.layout import GenDir
 from selftrain.run.records import atomic_dir, check_disk, read_jsonl
 from selftrain.stages import labels
-
-
-def _norm(text: str) -> str:
-    return re.sub(r"\W+", " ", text.lower()).strip()
-
-
-def top_trigram_share(text: str) -> float:
-    words = text.lower().split()
-    grams = list(zip(words, words[1:], words[2:]))
-    if len(grams) < 4:
-        return 0.0
-    return Counter(grams).most_common(1)[0][1] / len(grams)
-
-
-def verdict(initial: str, final: str, min_words: int, max_top_trigram_share: float) -> str:
-    """'kept', or the reason a revision is dropped: empty, degenerate or unchanged."""
-    if len(final.split()) < min_words:
-        return "empty"
-    if top_trigram_share(final) > max_top_trigram_share:
-        return "degenerate"
-    if _norm(final) == _norm(initial):
-        return "unchanged"
-    return "kept"
+from selftrain.text import verdict
 
 
 def build_datasets(records: list[dict], out_dir: Path, min_words: int,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -40,6 +39,7 @@ from selftrain.run import seeds
 from selftrain.run.layout import GenDir
 from selftrain.run.records import atomic_dir, read_jsonl, sha256_tree, write_jsonl
 from selftrain.stages import sampling
+from selftrain.text import normalised
 
 # The multiple-choice question, after the CAI paper's comparison prompt.
 QUESTION = ("Consider the following conversation between a human and an assistant:\n\n"
@@ -127,10 +127,6 @@ def labeller_cost(pref) -> dict:
             "forward_passes_exact": not pref.chain_of_thought}
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"\W+", " ", text.lower()).strip()
-
-
 def label_stage(sampler: Sampler, labeller: Sampler, constitution: Constitution, samples: list[dict], pref,
                 response_params: SamplingParams, cot_params: SamplingParams, seed: int,
                 gen_dir: Path | GenDir) -> dict:
@@ -145,7 +141,7 @@ def label_stage(sampler: Sampler, labeller: Sampler, constitution: Constitution,
         principles = [p.id for p in draw_principles(constitution, seed, s["prompt_id"], pref.principles)]
         for a, b in itertools.combinations(range(n), 2):
             counts["pairs"] += 1
-            if _norm(resp[a]) == _norm(resp[b]) or not resp[a].strip() or not resp[b].strip():
+            if normalised(resp[a]) == normalised(resp[b]) or not resp[a].strip() or not resp[b].strip():
                 counts["dropped_identical"] += 1
                 continue
             items.append({"prompt_id": s["prompt_id"], "pair": [a, b], "prompt": s["prompt"],

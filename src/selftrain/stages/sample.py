@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selftrain.engines.base import Sampler, SamplingParams
-from selftrain.run.resume import chunk_params, run_chunks
+from selftrain.run.chunks import chunk_params, run_chunks
 
 
 def sample_stage(sampler: Sampler, prompts, params: SamplingParams, chunk_dir: Path | None = None,

@@ -43,7 +43,7 @@ from selftrain import UserError
 from selftrain.run import trackers
 from selftrain.models import load_model, load_tokenizer
 from selftrain.run.records import atomic_dir, check_disk, write_json
-from selftrain.run.resume import check_interrupt, interrupt_requested
+from selftrain.run.interrupts import check_interrupt, interrupt_requested
 
 # Applied under the user's train.sft keys; the user's values win except where noted. report_to
 # is the top-level key's (selftrain.run.trackers), never the user's train.sft one (schema refuses it).

@@ -65,7 +65,7 @@ def launch(function: str, num_processes: int, accelerate_config: str | None, wor
     for scratch in work_dir.glob("rank-*"):
         shutil.rmtree(scratch, ignore_errors=True)
     if rc != 0 or not Path(spec["result"]).is_file():
-        from selftrain.run.resume import check_interrupt
+        from selftrain.run.interrupts import check_interrupt
 
         # The ranks died of the signal that is stopping this run (Ctrl-C reaches the whole process
         # group, Slurm signals every process of a job): the stage is interrupted, not failed.
