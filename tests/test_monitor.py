@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY_OVERRIDES, compose, make_tiny_model
 from selftrain import UserError
 from selftrain.run.loop import run
-from selftrain.monitor.probe import monitor_checkpoints
+from selftrain.monitor.checkpoints import monitor_checkpoints
 from selftrain.monitor.suites import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -219,7 +219,7 @@ def _selftrain(cfg) -> dict:
 def _drift(cfg) -> None:
     import datasets
 
-    from selftrain.monitor.probe import monitor_checkpoints
+    from selftrain.monitor.checkpoints import monitor_checkpoints
     from selftrain.config.checks import validate_monitor
 
     datasets.disable_progress_bars()

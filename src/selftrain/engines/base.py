@@ -6,15 +6,19 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from selftrain import UserError
+from selftrain.config.schema import SamplerConfig
 
 Conversation = list[dict]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
+    """One sampling call's settings. The stages build it from the `sampler` keys
+    (selftrain.stages.sampling); the defaults are the schema's, except the repetition penalty:
+    a direct engine call gets the model's own distribution unless it asks for a penalty."""
+    max_new_tokens: int = SamplerConfig.max_new_tokens
+    temperature: float = SamplerConfig.temperature
+    top_p: float = SamplerConfig.top_p
     repetition_penalty: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
