@@ -594,10 +594,12 @@ def _wanted_subprocesses(items) -> list[Case]:
 
 @pytest.fixture(scope="session")
 def pool(request, tmp_path_factory):
-    # every pytest-xdist worker collects every test but runs only its share, unknown in advance:
-    # there each run starts when its test asks for it, and the workers run in parallel instead
-    xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
-    p = Pool([] if xdist else _wanted_subprocesses(request.session.items), tmp_path_factory.mktemp("bad-inputs"))
+    # Every pytest-xdist worker collects every test but runs only its share. Under --dist loadfile
+    # (or loadscope) this file's tests all run on the worker that gets here first; otherwise the
+    # share is unknown in advance, and each run starts when its test asks for it.
+    whole_file = (not os.environ.get("PYTEST_XDIST_WORKER")
+                  or request.config.getoption("dist", "no") in ("loadfile", "loadscope"))
+    p = Pool(_wanted_subprocesses(request.session.items) if whole_file else [], tmp_path_factory.mktemp("bad-inputs"))
     yield p
     p.close()
 
