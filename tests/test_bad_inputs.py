@@ -675,7 +675,8 @@ def _check(res: Result) -> None:
 
 
 @pytest.mark.parametrize("case", _params(CORPUS))
-def test_bad_input_is_one_line_exit_2(case: Case, in_process):
+def test_bad_input_is_one_line_exit_2(case: Case, in_process, pool: Pool):
+    """`pool` only starts the subprocess runs, on the other cores, while these run in this process."""
     _check(in_process(case))
 
 
