@@ -1,5 +1,7 @@
 # make run  : set up .venv, install the project and the embedded model, run the default experiment
-# make test : the same set-up, then the whole test suite
+# make test : the same set-up, then the whole test suite, on every core (pytest-xdist; WORKERS=1: one process)
+# make test-fast: the same, less the tests marked slow or integration (whole runs, sweeps,
+#             benchmarks, the embedded model): the tier to run while editing
 # make bench: the same set-up, then every benchmark (runs/bench/<date>/results.{json,md});
 #             `make bench QUICK=1` only checks that the runner works
 PYTHON ?= python3
@@ -8,6 +10,7 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 EXPERIMENT ?= default
 PYTEST_ARGS ?=
+WORKERS ?= auto
 QUICK ?=
 BENCH_ARGS ?=
 
@@ -21,7 +24,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test smoke bench clean-cache
+.PHONY: setup run test test-fast smoke bench clean-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +52,14 @@ run: setup
 smoke: setup
 	$(VENV)/bin/selftrain experiment=smoke
 
+# --dist loadfile keeps each test file on one worker, so a module's shared run is made once.
+XDIST := $(if $(filter 1,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+
 test: setup $(TEST_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest $(XDIST) -m "not slow and not integration" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick) $(BENCH_ARGS)

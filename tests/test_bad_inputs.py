@@ -1,4 +1,4 @@
-"""A corpus of bad inputs, each run through the real `selftrain` console script.
+"""A corpus of bad inputs, each run the way the `selftrain` console script runs it.
 
 The contract: an error the user caused prints exactly one non-empty line on stderr,
 `selftrain: error: <message naming the file, key or value at fault>`, exits with status 2,
@@ -7,8 +7,16 @@ shows no traceback (unless HYDRA_FULL_ERROR=1) and leaves existing run data unch
 Every case must fail before any model loads. As a tripwire, cases that do not set
 `model.name_or_path` themselves point it at a folder that does not exist, so a case whose
 intended error does not fire stops at model resolution (with the wrong message) instead of
-loading a model. Cases run as subprocesses, in parallel, from one session-scoped pool: each
-test waits only for its own run, and only the selected tests' runs are started.
+loading a model.
+
+Most cases run in this process, through the CLI's own pieces: Hydra's compose API on the
+CLI's config folder, the CLI's job wrapper (`_user_errors_exit`) around the loop's `run`, and
+the CLI's error printer (`_run_and_report`) around both, so the line checked is the line a
+user sees. A few cases (CLI_CASES) also run as real console-script subprocesses, one per
+kind of failure, and every other console script once (OTHER_SCRIPTS), proving the printer,
+the exit status and the absence of a traceback end to end; for CLI_CASES the in-process line
+must equal the real one. Subprocesses run in parallel from one session-scoped pool: each test
+waits only for its own run, and only the selected tests' runs are started.
 
 A case that breaks the contract today is a strict xfail naming the exact set of breaches
 it shows (`known`): a different set of breaches fails the test, and a fixed case XPASSes,
@@ -22,17 +30,18 @@ import os
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-SELFTRAIN = Path(sys.executable).parent / "selftrain"
+BIN = Path(sys.executable).parent  # the console scripts
 DATA = Path(__file__).resolve().parent / "data"
 BAD = DATA / "bad"
 MINI = DATA / "mini_suite"
-PREFIX = "selftrain: error: "
 TIMEOUT_S = 300  # a run that gets this far has loaded something it should not have
 
 # A relative path, resolved against each run's own working folder, where nothing exists.
@@ -49,10 +58,12 @@ class Case:
     reason: str = ""
     setup: Callable[[Path], None] | None = None  # builds inputs in the run's working folder
     env: tuple[tuple[str, str], ...] = ()
+    script: str = "selftrain"  # the console script that runs it
 
     @property
     def tripwire(self) -> bool:
-        return not any(a.lstrip("+").startswith("model.name_or_path=") for a in self.args)
+        return self.script == "selftrain" and not any(a.lstrip("+").startswith("model.name_or_path=")
+                                                      for a in self.args)
 
 
 def _mkdir(rel: str) -> Callable[[Path], None]:
@@ -196,9 +207,9 @@ def _pickle_checkpoint(work: Path) -> None:
     (folder / "model.safetensors").unlink()
 
 
-def C(id, args, *culprit, known=frozenset(), reason="", setup=None, env=()):
+def C(id, args, *culprit, known=frozenset(), reason="", setup=None, env=(), script="selftrain"):
     return Case(id, tuple([args] if isinstance(args, str) else args), tuple(culprit), frozenset(known),
-                reason, setup, tuple(env))
+                reason, setup, tuple(env), script)
 
 
 def constitution(id, file, *culprit, **kw):
@@ -392,8 +403,27 @@ FULL_ERROR = [
     C("full-error-composition", "foo=1", "foo", env=(("HYDRA_FULL_ERROR", "1"),)),
     C("full-error-job", "generations=0", "generations=0", env=(("HYDRA_FULL_ERROR", "1"),)),
 ]
-JOBS = {c.id: c for c in CORPUS + FULL_ERROR}
-assert len(JOBS) == len(CORPUS) + len(FULL_ERROR), "case ids must be unique"
+# The other console scripts' printers: one bad input each, always a real subprocess.
+OTHER_SCRIPTS = [
+    C("drift-monitor-options-rule", ("reference=<WORK>/nope", "candidates=[]", "out=<WORK>/out",
+                                     "monitor.options_rule=sometimes"),
+      "monitor.options_rule=sometimes", script="selftrain-drift"),
+    C("validate-monitor-options-rule", ("out=<WORK>/out", "monitor.options_rule=sometimes"),
+      "monitor.options_rule=sometimes", script="selftrain-validate"),
+    C("compare-too-few-permutations", ("--permutations", "10", "<WORK>"), "--permutations 10",
+      script="selftrain-compare"),
+    C("lineage-missing-run", "<WORK>/no_such_run", "<WORK>/no_such_run", script="selftrain-lineage"),
+]
+JOBS = {c.id: c for c in CORPUS + FULL_ERROR + OTHER_SCRIPTS}
+assert len(JOBS) == len(CORPUS) + len(FULL_ERROR) + len(OTHER_SCRIPTS), "case ids must be unique"
+
+# Cases that also run as real `selftrain` subprocesses: refused while Hydra composes, refused by
+# validate inside the job, refused at model resolution (the tripwire's own path), refused after
+# a tokenizer loads (transformers' own logging must stay off stderr), and a refused resume
+# (run data byte-identical). With FULL_ERROR's job case and OTHER_SCRIPTS, that is every printer.
+CLI_CASES = ("cfg-unknown-top-key", "cfg-generations-zero", "model-missing-folder", "prompts-chat-control-token",
+             "resume-other-seed")
+assert set(CLI_CASES) <= set(JOBS)
 
 
 # --------------------------------------------------------------------------- running
@@ -426,11 +456,17 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _argv(case: Case, work: Path) -> list[str]:
+    """The command line a user would type for this case."""
+    args = [_fill(a, work) for a in case.args]
+    if case.script != "selftrain":
+        return [str(BIN / case.script), *args]
+    return [str(BIN / case.script), f"hydra.run.dir={work / 'run'}", *args, *([TRIPWIRE] if case.tripwire else [])]
+
+
 def _run(case: Case, work: Path) -> Result:
     run_dir = work / "run"
-    argv = [str(SELFTRAIN), f"hydra.run.dir={run_dir}", *(_fill(a, work) for a in case.args)]
-    if case.tripwire:
-        argv.append(TRIPWIRE)
+    argv = _argv(case, work)
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **dict(case.env))
     before = _snapshot(run_dir)
@@ -444,44 +480,140 @@ def _run(case: Case, work: Path) -> Result:
                   time.perf_counter() - t0, before, _snapshot(run_dir))
 
 
+def _hydra_job(overrides: list[str]):
+    """The config Hydra hands the `selftrain` job: composed with its hydra node, which is made
+    the current HydraConfig (the job wrapper reads it) and then removed, as Hydra's run_job does."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    from selftrain.paths import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _in_process(case: Case, work: Path, monkeypatch, capsys) -> Result:
+    """Run `case` as the `selftrain` console script would, in this process: the CLI's printer
+    around composition and the CLI's job wrapper around the loop. Warnings count as stderr lines."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from selftrain import cli
+    from selftrain.run.loop import run
+
+    assert case.script == "selftrain", case.id
+    run_dir = work / "run"
+    argv = _argv(case, work)
+    monkeypatch.chdir(work)  # the tripwire and relative paths resolve against the run's folder
+    monkeypatch.setattr(sys, "argv", argv)  # the printer names the program after argv[0]
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for k, v in case.env:
+        monkeypatch.setenv(k, v)
+    job = cli._user_errors_exit(lambda cfg: run(cfg, run_dir))
+
+    def main():
+        cfg = _hydra_job(argv[1:])
+        try:
+            return job(cfg)
+        except Exception:  # what Hydra's JobReturn.return_value writes before re-raising a job's error
+            sys.stderr.write(f"Error executing job with overrides: {argv[1:]}\n")
+            raise
+
+    before = _snapshot(run_dir)
+    capsys.readouterr()
+    rc, trace = 0, ""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own defaults, as a console script has them
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        try:
+            cli._run_and_report(main)
+        except SystemExit as e:
+            rc = e.code
+        except Exception:  # the printer let it through: a traceback, as the console script would show
+            rc, trace = 1, "Traceback (most recent call last):\n" + traceback.format_exc()
+        finally:
+            HydraConfig.instance().cfg = None
+    out, err = capsys.readouterr()
+    err += trace + "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught)
+    return Result(case, work, argv, rc, out, err, time.perf_counter() - t0, before, _snapshot(run_dir))
+
+
 class Pool:
-    """Starts the selected cases' runs at once (cpu_count at a time); tests collect them in order."""
+    """Starts the selected subprocess runs at once (cpu_count at a time); tests collect them in order.
+    A run nobody started (under pytest-xdist, see `pool`) starts when its test asks for it."""
 
     def __init__(self, cases: list[Case], base: Path):
+        self.base = base
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
         self.futures: dict[str, concurrent.futures.Future] = {}
         # Cases with a setup start first: the seed case's setup composes today's config, and
         # the sooner its run follows, the less a concurrent edit of conf/ can come between.
         for case in sorted(cases, key=lambda c: c.setup is None):
-            work = base / case.id
-            work.mkdir()
-            if case.setup:  # in this thread: setups may compose with Hydra's global state
-                try:
-                    case.setup(work)
-                except Exception as e:  # fails this case's tests only
-                    self.futures[case.id] = concurrent.futures.Future()
-                    self.futures[case.id].set_exception(e)
-                    continue
-            self.futures[case.id] = self.executor.submit(_run, case, work)
+            self.start(case)
 
-    def result(self, case_id: str) -> Result:
-        return self.futures[case_id].result()
+    def start(self, case: Case) -> None:
+        work = self.base / case.id
+        work.mkdir()
+        if case.setup:  # in this thread: setups may compose with Hydra's global state
+            try:
+                case.setup(work)
+            except Exception as e:  # fails this case's tests only
+                self.futures[case.id] = concurrent.futures.Future()
+                self.futures[case.id].set_exception(e)
+                return
+        self.futures[case.id] = self.executor.submit(_run, case, work)
+
+    def result(self, case: Case) -> Result:
+        if case.id not in self.futures:
+            self.start(case)
+        return self.futures[case.id].result()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+def _wanted_subprocesses(items) -> list[Case]:
+    """The subprocess runs the selected tests will ask for."""
+    wanted: dict[str, Case] = {}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if getattr(item, "originalname", "") == "test_bad_input_is_one_line_exit_2":
+            continue  # in process
+        for key in ("case", "job"):
+            c = params.get(key)
+            if isinstance(c, Case) and (c.id in CLI_CASES or c.script != "selftrain" or c.env):
+                wanted.setdefault(c.id, c)
+    return list(wanted.values())
+
+
 @pytest.fixture(scope="session")
 def pool(request, tmp_path_factory):
-    wanted: list[str] = []
-    for item in request.session.items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        for key in ("case", "job"):
-            if isinstance(params.get(key), Case) and params[key].id not in wanted:
-                wanted.append(params[key].id)
-    p = Pool([JOBS[i] for i in wanted], tmp_path_factory.mktemp("bad-inputs"))
+    # Every pytest-xdist worker collects every test but runs only its share. Under --dist loadfile
+    # (or loadscope) this file's tests all run on the worker that gets here first; otherwise the
+    # share is unknown in advance, and each run starts when its test asks for it.
+    whole_file = (not os.environ.get("PYTEST_XDIST_WORKER")
+                  or request.config.getoption("dist", "no") in ("loadfile", "loadscope"))
+    p = Pool(_wanted_subprocesses(request.session.items) if whole_file else [], tmp_path_factory.mktemp("bad-inputs"))
     yield p
     p.close()
+
+
+@pytest.fixture
+def in_process(tmp_path, monkeypatch, capsys):
+    """Runs a case in this process (see _in_process) in a fresh working folder."""
+    def go(case: Case) -> Result:
+        work = tmp_path / case.id
+        work.mkdir()
+        if case.setup:
+            case.setup(work)
+        return _in_process(case, work, monkeypatch, capsys)
+    return go
 
 
 # --------------------------------------------------------------------------- checks
@@ -489,22 +621,28 @@ def pool(request, tmp_path_factory):
 _HYDRA_OWN = (".hydra/", "cli.log")  # what Hydra itself writes into a new run folder
 
 
+def _errors(res: Result) -> list[str]:
+    prefix = f"{res.case.script}: error: "
+    return [line for line in res.stderr.splitlines() if line.startswith(prefix)]
+
+
 def breaches(res: Result) -> dict[str, str]:
     """Every way this run breaks the user-error contract, by name."""
     found = {}
+    prefix = f"{res.case.script}: error: "
     if res.rc != 2:
         found["exit-status"] = f"exit status {res.rc}, expected 2"
     if "Traceback" in res.stderr:
         found["traceback"] = "stderr holds a traceback"
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(PREFIX)]
+    errors = _errors(res)
     if len(errors) != 1:
-        found["error-line"] = f"{len(errors)} stderr lines start with {PREFIX!r}, expected 1"
+        found["error-line"] = f"{len(errors)} stderr lines start with {prefix!r}, expected 1"
     else:
         missing = [c for c in (_fill(c, res.work) for c in res.case.culprit) if c not in errors[0]]
         if missing:
             found["culprit"] = f"the error line does not name {missing}"
-    others = [line for line in lines if not line.startswith(PREFIX)]
+    others = [line for line in lines if not line.startswith(prefix)]
     if others:
         found["extra-lines"] = f"{len(others)} other non-empty stderr line(s), first: {others[0][:200]!r}"
     changed = sorted(k for k in res.before if res.after.get(k) != res.before[k])
@@ -526,22 +664,40 @@ def _params(cases: list[Case]):
     return out
 
 
-@pytest.mark.parametrize("case", _params(CORPUS))
-def test_bad_input_is_one_line_exit_2(case: Case, pool: Pool):
-    res = pool.result(case.id)
+def _check(res: Result) -> None:
     found = breaches(res)
     report = "\n".join(f"  {k}: {v}" for k, v in found.items())
     if not found:
         return
-    if set(found) == case.known:
+    if set(found) == res.case.known:
         raise KnownBreach(f"known breaches:\n{report}\n{res.describe()}")
-    raise AssertionError(f"breaches (documented: {sorted(case.known) or 'none'}):\n{report}\n{res.describe()}")
+    raise AssertionError(f"breaches (documented: {sorted(res.case.known) or 'none'}):\n{report}\n{res.describe()}")
+
+
+@pytest.mark.parametrize("case", _params(CORPUS))
+def test_bad_input_is_one_line_exit_2(case: Case, in_process, pool: Pool):
+    """`pool` only starts the subprocess runs, on the other cores, while these run in this process."""
+    _check(in_process(case))
+
+
+@pytest.mark.parametrize("case", _params([JOBS[i] for i in CLI_CASES] + OTHER_SCRIPTS))
+def test_console_script_prints_one_line_exit_2(case: Case, pool: Pool):
+    _check(pool.result(case))
+
+
+@pytest.mark.parametrize("case", [JOBS[i] for i in CLI_CASES], ids=lambda c: c.id)
+def test_in_process_line_is_the_console_scripts_line(case: Case, pool: Pool, in_process):
+    """The in-process harness prints what the console script prints (paths of the own working folder aside)."""
+    real, here = pool.result(case), in_process(case)
+    assert [line.replace(str(real.work), "<WORK>") for line in _errors(real)] == \
+        [line.replace(str(here.work), "<WORK>") for line in _errors(here)], f"{real.describe()}\n{here.describe()}"
+    assert (real.rc, here.rc) == (2, 2)
 
 
 @pytest.mark.parametrize("job", [JOBS["resume-other-config"], JOBS["resume-other-seed"]],
                          ids=["other-config", "other-seed"])
-def test_refused_resume_leaves_manifests_byte_identical(job: Case, pool: Pool):
-    res = pool.result(job.id)
+def test_refused_resume_leaves_manifests_byte_identical(job: Case, pool: Pool, in_process):
+    res = pool.result(job) if job.id in CLI_CASES else in_process(job)
     assert res.rc == 2, res.describe()
     assert res.before.get("manifest.json"), "the setup wrote no manifest"
     for name, data in res.before.items():
@@ -550,10 +706,17 @@ def test_refused_resume_leaves_manifests_byte_identical(job: Case, pool: Pool):
     assert not (res.work / "run" / "gen-001").exists(), res.describe()
 
 
-@pytest.mark.parametrize("job", FULL_ERROR, ids=lambda c: c.id)
+def test_full_error_composition_raises(in_process):
+    """HYDRA_FULL_ERROR=1 trades the one line for Hydra's traceback; the run must still fail."""
+    res = in_process(JOBS["full-error-composition"])
+    assert res.rc not in (0, 2, None) and "Traceback" in res.stderr and "foo" in res.stderr, res.describe()
+    assert not (res.work / "run" / "manifest.json").exists(), res.describe()
+
+
+@pytest.mark.parametrize("job", [JOBS["full-error-job"]], ids=lambda c: c.id)
 def test_full_error_still_fails(job: Case, pool: Pool):
     """HYDRA_FULL_ERROR=1 trades the one line for Hydra's traceback; the run must still fail."""
-    res = pool.result(job.id)
+    res = pool.result(job)
     assert res.rc not in (0, None), res.describe()
     assert any(c in res.stderr for c in job.culprit), res.describe()
     assert not (res.work / "run" / "manifest.json").exists(), res.describe()

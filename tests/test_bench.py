@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # every benchmark arm and a smoke run, in a subprocess
 def test_quick_benchmark_writes_every_section(tiny_model, tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -15,6 +15,7 @@ LIGHT = ["generations=1", f"probes.suite={MINI}", "monitor.embedding=false", "mo
          "monitor.cue_gap=false"]
 
 
+@pytest.mark.slow  # two whole runs, each in its own submitit process
 def test_submitit_local_sweep(tiny_model, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     sweep = tmp_path / "sweep"

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY_OVERRIDES
 from selftrain.run.records import read_json
 
@@ -12,6 +14,7 @@ SELFTRAIN = Path(sys.executable).parent / "selftrain"
 SUITE = str(Path(__file__).parent / "data" / "mini_suite")
 
 
+@pytest.mark.slow  # a sweep of two `selftrain` jobs, one of them a whole run
 def test_failed_job_is_listed_and_the_sweep_goes_on(tiny_model, tmp_path):
     sweep = tmp_path / "sweep"
     argv = [str(SELFTRAIN), "-m", *TINY_OVERRIDES, "generations=1", f"probes.suite={SUITE}",
