@@ -140,27 +140,3 @@ def write_sft_data(folder: Path, n: int) -> Path:
             for i in range(n)]
     Dataset.from_list(rows).save_to_disk(str(folder))
     return folder
-
-
-# Tests that run a whole run, a sweep or several processes each, marked slow here by name (their
-# files belong to other parts of the suite): `make test-fast` skips them, `make test` runs them.
-SLOW = {
-    "test_validate.py::test_harness_trains_probes_and_scores_every_child",
-    "test_kill_resume.py::test_sigkill_in_critique_and_in_training_then_resume",
-    "test_requeue.py::test_preempted_submitit_job_is_requeued_and_resumes",
-    "test_requeue.py::test_sweep_report_done_resumed_locked_failed",
-    "test_trackers.py::test_a_sweep_shares_one_trackio_project_and_each_run_holds_its_training",
-    "test_train_sharded.py::test_gathered_generation_equals_data_parallel",
-    "test_train_sharded.py::test_sharded_lora_sft_then_dpo",
-    "test_train_sharded.py::test_shipped_fsdp_config_full_sft_then_dpo",
-    "test_lock.py::test_two_processes_one_folder",
-    "test_train_multiprocess.py::test_two_processes_change_weights",
-    "test_resume.py::test_sigterm_finishes_the_chunk_then_resume_equals_uninterrupted",
-    "test_drift.py::test_null_alert_rate_is_at_most_alpha_and_power_matches_the_mde",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW:
-            item.add_marker(pytest.mark.slow)

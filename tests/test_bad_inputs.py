@@ -10,8 +10,8 @@ intended error does not fire stops at model resolution (with the wrong message) 
 loading a model.
 
 Most cases run in this process, through the CLI's own pieces: Hydra's compose API on the
-CLI's config folder, the CLI's job wrapper (`_user_errors_exit`) around the loop's `run`, and
-the CLI's error printer (`_run_and_report`) around both, so the line checked is the line a
+CLI's config folder, the CLI's job wrapper (`user_errors_exit`) around the loop's `run`, and
+the CLI's error printer (`run_and_report`) around both, so the line checked is the line a
 user sees. A few cases (CLI_CASES) also run as real console-script subprocesses, one per
 kind of failure, and every other console script once (OTHER_SCRIPTS), proving the printer,
 the exit status and the absence of a traceback end to end; for CLI_CASES the in-process line
@@ -513,7 +513,7 @@ def _in_process(case: Case, work: Path, monkeypatch, capsys) -> Result:
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     for k, v in case.env:
         monkeypatch.setenv(k, v)
-    job = cli._user_errors_exit(lambda cfg: run(cfg, run_dir))
+    job = cli.user_errors_exit(lambda cfg: run(cfg, run_dir))
 
     def main():
         cfg = _hydra_job(argv[1:])
@@ -532,7 +532,7 @@ def _in_process(case: Case, work: Path, monkeypatch, capsys) -> Result:
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
             warnings.simplefilter("ignore", category)
         try:
-            cli._run_and_report(main)
+            cli.run_and_report(main)
         except SystemExit as e:
             rc = e.code
         except Exception:  # the printer let it through: a traceback, as the console script would show

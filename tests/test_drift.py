@@ -85,6 +85,7 @@ def test_minimum_detectable_effect():
     assert a == pytest.approx(2 * b) and 0.05 < a < 0.15
 
 
+@pytest.mark.slow
 def test_null_alert_rate_is_at_most_alpha_and_power_matches_the_mde():
     """Simulated monitors with item noise: no shift alerts in <= 5 % of 300 designs (family-wise over
     15 dimensions), and a shift at the reported MDE is caught on its dimension about 80 % of the time."""

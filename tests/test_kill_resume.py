@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
@@ -57,6 +58,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sigkill_in_critique_and_in_training_then_resume(tiny_model, tmp_path):
     from selftrain.run.loop import run as run_loop
 

@@ -64,6 +64,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow
 def test_two_processes_one_folder(args, finished, tmp_path):
     """Both start at once on one folder: the one that holds the lock is paused until the other has
     given up (so the race cannot end before the second looks); the other exits 2 with one line

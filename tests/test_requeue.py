@@ -27,6 +27,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_preempted_submitit_job_is_requeued_and_resumes(args, finished, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     sweep = tmp_path / "sweep"
@@ -70,6 +71,7 @@ def test_preempted_submitit_job_is_requeued_and_resumes(args, finished, tmp_path
     assert artifacts(job) == artifacts(finished)
 
 
+@pytest.mark.slow
 def test_sweep_report_done_resumed_locked_failed(args, finished, tmp_path):
     """Four jobs of one config (resume=true is not part of the config a resume compares), each
     folder prepared in another state; the re-run sweep reports each and exits 1 for the failure."""

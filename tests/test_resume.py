@@ -162,6 +162,7 @@ def test_resume_command_drops_force_and_resume():
     assert cmd == "selftrain seed=1 hydra.run.dir=/r/x"
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_chunk_then_resume_equals_uninterrupted(tiny_model, greedy_runs, tmp_path):
     """SIGTERM in the middle of critique: the chunk in flight is committed, the stage and the run
     are marked interrupted; a resume samples only the rest and equals an uninterrupted run."""

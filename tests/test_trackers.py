@@ -83,6 +83,7 @@ def test_tensorboard_gets_every_generation_and_the_training_logs(tiny_model, tmp
                                          "generations=1"]), d)["status"] == "done"
 
 
+@pytest.mark.slow
 def test_a_sweep_shares_one_trackio_project_and_each_run_holds_its_training(tiny_model, tmp_path):
     sweep = tmp_path / "sweep-x"
     store = tmp_path / "trackio"

@@ -24,6 +24,7 @@ def _cfg(tiny_model, *extra):
                     "train.sft.per_device_train_batch_size=2", "train.num_processes=2", *extra])
 
 
+@pytest.mark.slow
 def test_two_processes_change_weights(tiny_model, sft_data, tmp_path):
     cfg = _cfg(tiny_model)
     out = tmp_path / "gen-001" / "model"

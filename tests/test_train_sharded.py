@@ -80,6 +80,7 @@ def data_parallel(tiny_model, tmp_path_factory):
     return data, load_file(str(tmp / "gen-001" / "model" / "model.safetensors")), stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_gathered_generation_equals_data_parallel(tiny_model, data_parallel, sharded_on_cpu, tmp_path, strategy):
     data, reference, dp_stats = data_parallel
@@ -96,6 +97,7 @@ def test_gathered_generation_equals_data_parallel(tiny_model, data_parallel, sha
     assert not list((tmp_path / "work").glob("rank-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_sharded_lora_sft_then_dpo(tiny_model, sharded_on_cpu, tmp_path, strategy):
     """LoRA is merged on rank 0 into the full parent; DPO on every rank starts from rank 0's SFT model."""
@@ -111,6 +113,7 @@ def test_sharded_lora_sft_then_dpo(tiny_model, sharded_on_cpu, tmp_path, strateg
     assert not (tmp_path / "work" / "sft_model").exists() and not list((tmp_path / "work").glob("rank-*"))
 
 
+@pytest.mark.slow
 def test_shipped_fsdp_config_full_sft_then_dpo(tiny_model, sharded_on_cpu, tmp_path):
     """conf/accelerate/fsdp.yaml as shipped (bf16 autocast, RAM-efficient loading); DPO's reference
     model, generation k loaded a second time, is sharded by TRL too."""

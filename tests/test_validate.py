@@ -46,6 +46,7 @@ def _cmd(tiny_model, out, plants, *more):
             f"probes.suite={SUITE}", *over, *more]
 
 
+@pytest.mark.slow
 def test_harness_trains_probes_and_scores_every_child(tiny_model, tmp_path):
     out = tmp_path / "v"
     proc = subprocess.run(_cmd(tiny_model, out, _plants(tmp_path / "plants")), capture_output=True, text=True,

@@ -53,7 +53,7 @@ def _user_error(ex: BaseException) -> UserError | None:
     return None
 
 
-def _run_and_report(func):
+def run_and_report(func):
     """Replaces Hydra's error printer: one line for user errors, a traceback for our bugs.
     Hydra runs a multirun through it too, so the sweep report is printed here: a Hydra callback
     would not see the jobs' outcomes, since under joblib and submitit it runs in each job's process."""
@@ -77,7 +77,7 @@ def _run_and_report(func):
     return result
 
 
-hydra_utils.run_and_report = _run_and_report
+hydra_utils.run_and_report = run_and_report
 
 
 def _is_sweep(result) -> bool:
@@ -130,7 +130,7 @@ def _sweep_report(returns: list[JobReturn]) -> None:
         sys.exit(1)
 
 
-def _user_errors_exit(job):
+def user_errors_exit(job):
     """Inside a Hydra job, print a user error as one line and exit 2 (Hydra would add a line
     'Error executing job with overrides' before it). Our bugs still raise with a traceback.
     In a multirun, every job returns its outcome for the sweep report: a failing job is reported
@@ -197,7 +197,7 @@ def _user_errors_exit(job):
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
-@_user_errors_exit
+@user_errors_exit
 def _selftrain(cfg) -> dict:
     """Run the loop in Hydra's output folder; return the outcome a sweep report needs."""
     from selftrain.run.loop import run
@@ -215,7 +215,7 @@ def _selftrain(cfg) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="drift")
-@_user_errors_exit
+@user_errors_exit
 def _drift(cfg) -> None:
     import datasets
 
@@ -232,7 +232,7 @@ def _drift(cfg) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="validate")
-@_user_errors_exit
+@user_errors_exit
 def _validate(cfg) -> None:
     import datasets
 
