@@ -31,9 +31,8 @@ from selftrain.analysis.drift_report import generation_report
 from selftrain.config.checks import validate
 from selftrain.config.schema import monitor_settings
 from selftrain.constitution import Constitution
-from selftrain.engines.factory import check_engine, close_sampler, make_labeller, make_sampler, preflight
 from selftrain.engines.base import option_first_tokens
-from selftrain.stages.sample import sample_stage
+from selftrain.engines.factory import check_engine, close_sampler, make_labeller, make_sampler, preflight
 from selftrain.monitor.activations import load_directions
 from selftrain.monitor.probe import check_power, probe_model
 from selftrain.monitor.suites import load_suite
@@ -43,14 +42,13 @@ from selftrain.run import seeds, trackers
 from selftrain.run.layout import GenDir, RunDir
 from selftrain.run.lineage import config_sha256
 from selftrain.run.lock import RunLock
-from selftrain.run.records import (Manifest, config_diff, now, package_versions, read_json, read_jsonl,
-                                   read_manifest, sha256_tree, write_jsonl)
 from selftrain.run.chunks import check_chunks
 from selftrain.run.interrupts import Interrupted, check_interrupt, graceful_interrupts
+from selftrain.run.records import (Manifest, config_diff, now, package_versions, read_json, read_jsonl,
+                                   read_manifest, sha256_tree)
 from selftrain.run.resume import apply_force, force_target, parse_force, start_over, verify_outputs
-from selftrain.stages import critique, data, guard, label, labels, revisions_used, sampling, screen
-from selftrain.stages.train import dpo_config, sft_config, train_generation, uses_dpo
-from selftrain.stages.train_worker import launch
+from selftrain.stages import critique, data, guard, label, labels, revisions_used, sample, screen, train_worker
+from selftrain.stages.train import dpo_config, sft_config, uses_dpo
 
 log = logging.getLogger(__name__)
 MONITOR_STAGES = ("probe", "report", "screen", "guard")
@@ -450,7 +448,7 @@ def _make_data(cfg, run_dir: Path, gen: Generation, inputs: Inputs) -> dict | No
     g = gen.layout
     directions = _screen_directions(cfg, run_dir)  # the frozen gen-000 directions the screen reads
     sampler = LazySampler(lambda: _sampler(cfg, gen))
-    gen.run("sample", lambda: run_sample(g, cfg, sampler, inputs.prompts), outputs=[g.samples])
+    gen.run("sample", lambda: sample.run_sample(g, cfg, sampler, inputs.prompts), outputs=[g.samples])
     shutil.rmtree(g.chunk_dir("sample"), ignore_errors=True)  # folded into samples.jsonl
     if revisions_used(cfg):
         gen.run("critique", lambda: critique.run_critique(g, cfg, sampler, inputs.constitution),
@@ -478,7 +476,7 @@ def _train(cfg, gen: Generation, inputs: Inputs) -> None:
     """guard, train: generation k+1's weights from generation k's data."""
     g = gen.layout
     gen.run("guard", lambda: guard.run_guard(g, cfg, inputs.probe_texts))
-    gen.run("train", lambda: run_train(g, cfg, gen.model_path, inputs.tracker),
+    gen.run("train", lambda: train_worker.run_train(g, cfg, gen.model_path, inputs.tracker),
             outputs=[g.child_model, g.train_log])
 
 
@@ -494,34 +492,6 @@ def _finish(gen: Generation, inputs: Inputs, t0: float) -> None:
     inputs.track(gen, "timings")
 
 
-# --------------------------------------------------------------------------- the stages kept here
-# sample and train follow the stages' contract (selftrain.stages) but stay here until their
-# modules hold them: the sampling engine (engines/hf.py) and training (stages/train.py).
-
-
-def run_sample(gen: GenDir, cfg, sampler, prompts) -> dict:
-    """The sample stage: model k's answers to the run's prompts -> gen-k/samples.jsonl, chunks
-    committed in gen-k/.chunks/sample as they finish."""
-    counts: dict = {}
-    recs = sample_stage(sampler, prompts, sampling(cfg, cfg.sampler.max_new_tokens, seeds.sample(cfg.seed, gen.k)),
-                        gen.chunk_dir("sample"), cfg.sampler.chunk_size, counts)
-    write_jsonl(gen.samples, recs)
-    counts.update(prompts=len(recs), sampler=sampler.describe(), **sampler.take_stats())
-    return counts
-
-
-def run_train(gen: GenDir, cfg, parent: str, tracker: dict | None) -> dict:
-    """The train stage: gen-(k+1)/model from `parent` (model k) on the data training reads
-    (the screen's copy under screen=drop); work files in gen-k/train."""
-    args = dict(method=cfg.train.method, parent=parent, data_dir=gen.train_data(cfg.monitor.screen),
-                out_model=gen.child_model, train_cfg=cfg.train, model_cfg=cfg.model, seed=seeds.train(cfg.seed, gen.k),
-                work_dir=gen.train, tracking=trackers.for_training(tracker, gen.k))
-    # above one process, accelerate launch runs it as a subprocess: the driver stays single-process
-    if cfg.train.num_processes == 1:
-        return train_generation(**args)
-    return launch("train_generation", cfg.train.num_processes, cfg.train.accelerate_config, **args)
-
-
 def _screen_directions(cfg, run_dir: Path) -> dict | None:
     """The frozen gen-000 directions the data screen reads; None when the screen is off or there
     are none (monitor.activations=false, which validate() refuses with screen=drop/gate)."""
@@ -529,8 +499,3 @@ def _screen_directions(cfg, run_dir: Path) -> dict | None:
     if cfg.monitor.screen == "off" or not cfg.monitor.activations or not path.is_file():
         return None
     return load_directions(path) or None
-
-
-def train_data_dir(cfg, gen_folder: Path) -> Path:
-    """Where training reads generation k's data: the screen's filtered copy under screen=drop."""
-    return GenDir.at(gen_folder).train_data(cfg.monitor.screen)

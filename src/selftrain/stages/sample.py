@@ -4,7 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from selftrain.engines.base import Sampler, SamplingParams
+from selftrain.run import seeds
 from selftrain.run.chunks import chunk_params, run_chunks
+from selftrain.run.layout import GenDir
+from selftrain.run.records import write_jsonl
+from selftrain.stages import sampling
+
+
+def run_sample(gen: GenDir, cfg, sampler: Sampler, prompts) -> dict:
+    """The sample stage: model k's answers to the run's prompts -> gen-k/samples.jsonl, chunks
+    committed in gen-k/.chunks/sample as they finish."""
+    counts: dict = {}
+    recs = sample_stage(sampler, prompts, sampling(cfg, cfg.sampler.max_new_tokens, seeds.sample(cfg.seed, gen.k)),
+                        gen.chunk_dir("sample"), cfg.sampler.chunk_size, counts)
+    write_jsonl(gen.samples, recs)
+    counts.update(prompts=len(recs), sampler=sampler.describe(), **sampler.take_stats())
+    return counts
 
 
 def sample_stage(sampler: Sampler, prompts, params: SamplingParams, chunk_dir: Path | None = None,
@@ -12,7 +27,7 @@ def sample_stage(sampler: Sampler, prompts, params: SamplingParams, chunk_dir: P
     """Model k's initial responses: one record per prompt.
 
     With `chunk_dir`, the prompts go in fixed chunks of `chunk_size`, each committed there as it
-    finishes (selftrain.run.resume); chunk i samples with a seed made from params.seed and i alone,
+    finishes (selftrain.run.chunks); chunk i samples with a seed made from params.seed and i alone,
     so a resumed stage writes the same records as an uninterrupted one."""
     def work(i: int, part) -> list[dict]:
         convs = [[{"role": "user", "content": p.text}] for p in part]

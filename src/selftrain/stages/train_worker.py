@@ -1,6 +1,6 @@
-"""Multi-process training: the train stage under `accelerate launch`, as a subprocess.
+"""The train stage's entry (`run_train`): in this process, or under `accelerate launch` as a subprocess.
 
-With `train.num_processes > 1` the loop calls `launch(...)`: it writes a small JSON spec
+With `train.num_processes > 1` the stage calls `launch(...)`: it writes a small JSON spec
 (the training function's name and arguments), runs
 
     python -m accelerate.commands.launch --num_processes N --config_file C --main_process_port P \\
@@ -29,10 +29,26 @@ from pathlib import Path
 
 from selftrain import UserError
 from selftrain.paths import resolve
+from selftrain.run import seeds, trackers
+from selftrain.run.layout import GenDir
 from selftrain.run.records import read_json, write_json
 
 DEFAULT_CONFIG = "builtin:conf/accelerate/cpu_multiprocess.yaml"
 ERROR_PREFIX = "selftrain-worker: error: "
+
+def run_train(gen: GenDir, cfg, parent: str, tracker: dict | None) -> dict:
+    """The train stage: gen-(k+1)/model from `parent` (model k) on the data training reads
+    (the screen's copy under screen=drop); work files in gen-k/train."""
+    from selftrain.stages.train import train_generation
+
+    args = dict(method=cfg.train.method, parent=parent, data_dir=gen.train_data(cfg.monitor.screen),
+                out_model=gen.child_model, train_cfg=cfg.train, model_cfg=cfg.model, seed=seeds.train(cfg.seed, gen.k),
+                work_dir=gen.train, tracking=trackers.for_training(tracker, gen.k))
+    # above one process, accelerate launch runs it as a subprocess: the driver stays single-process
+    if cfg.train.num_processes == 1:
+        return train_generation(**args)
+    return launch("train_generation", cfg.train.num_processes, cfg.train.accelerate_config, **args)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
