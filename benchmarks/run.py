@@ -69,7 +69,7 @@ def targets(res: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that the runner works")
     ap.add_argument("--out", type=Path, help="output folder (default runs/bench/<UTC date_time>)")
@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the experiment the smoke section runs: `default` judges the monitor's share on "
                          "the default experiment's generations (about 25 minutes on 2 CPU cores)")
     ap.add_argument("--static-cache", action="store_true", help="add the bare static-cache arm to a full run")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -131,21 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     section("hardware", lambda: {"copy": hardware.copy_bandwidth(sizes.copy_mb),
                                  "matmul": hardware.matmul_flops(sizes.matmul_n)})
     section("sampling", lambda: sampling.run(model, tok, prompts[:sizes.prompts], sizes, ablations))
-    if "hardware" in res:
-        hw = res["hardware"]
-        hw["roofline"] = hardware.decode_roofline(hw["copy"]["gb_per_s"], hw["matmul"]["gflop_per_s"],
-                                                  res["model_info"]["weight_bytes"], res["model_info"]["params"],
-                                                  sizes.batch_size)
-        arm = res.get("sampling", {}).get("arms", {}).get("pipeline", {})
-        pipe = arm.get("tokens_per_s")
-        hw["pipeline_sampling_of_roofline"] = common.ratio(pipe, hw["roofline"]["roofline_tok_s"])
-        if arm.get("matmul_gflop_per_s_around"):
-            # the same, against the matmul throughput measured just before and after the pipeline arm
-            hw["roofline_around_pipeline"] = hardware.decode_roofline(
-                hw["copy"]["gb_per_s"], arm["matmul_gflop_per_s_around"], res["model_info"]["weight_bytes"],
-                res["model_info"]["params"], sizes.batch_size)
-            hw["pipeline_sampling_of_roofline_around"] = common.ratio(
-                pipe, hw["roofline_around_pipeline"]["roofline_tok_s"])
+    _rooflines(res, sizes)
     section("critique", lambda: critique.run(model, tok, prompts[:sizes.critique_prompts], sizes))
     model = None  # free the sampling model before SFT loads its own
     section("sft", lambda: sft.run(path, tok, prompts, sizes, ablations))
@@ -154,6 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(f"benchmarks: wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
+
+
+def _rooflines(res: dict, sizes) -> None:
+    """The decode roofline from the hardware section, and the pipeline's share of it (also against the
+    matmul speed measured around the pipeline arm, since the CPU's speed drifts)."""
+    from . import common, hardware
+
+    if "hardware" not in res:
+        return
+    hw = res["hardware"]
+    hw["roofline"] = hardware.decode_roofline(hw["copy"]["gb_per_s"], hw["matmul"]["gflop_per_s"],
+                                              res["model_info"]["weight_bytes"], res["model_info"]["params"],
+                                              sizes.batch_size)
+    arm = res.get("sampling", {}).get("arms", {}).get("pipeline", {})
+    pipe = arm.get("tokens_per_s")
+    hw["pipeline_sampling_of_roofline"] = common.ratio(pipe, hw["roofline"]["roofline_tok_s"])
+    if arm.get("matmul_gflop_per_s_around"):
+        # the same, against the matmul throughput measured just before and after the pipeline arm
+        hw["roofline_around_pipeline"] = hardware.decode_roofline(
+            hw["copy"]["gb_per_s"], arm["matmul_gflop_per_s_around"], res["model_info"]["weight_bytes"],
+            res["model_info"]["params"], sizes.batch_size)
+        hw["pipeline_sampling_of_roofline_around"] = common.ratio(
+            pipe, hw["roofline_around_pipeline"]["roofline_tok_s"])
 
 
 def _c(x, nd=2):
